@@ -1,0 +1,1 @@
+"""Calendar backends: Google Calendar and the embedded iCalendar feed."""
