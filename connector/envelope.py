@@ -1,0 +1,113 @@
+"""Parsing a delivery's body: the envelope around a booking snapshot.
+
+Proximity wraps every booking snapshot as ``{"event": ..., "createdAt": ..., "payload": {...}}``.
+The envelope's `createdAt` is when the event occurred, and serves as the snapshot's version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+BOOKING_EVENTS = (
+    "booking.created",
+    "booking.rescheduled",
+    "booking.approved",
+    "booking.noShow",
+    "booking.completed",
+    "booking.declined",
+    "booking.cancelled",
+)
+
+# Ties between snapshots with the same `createdAt` go to the event later in a booking's life,
+# so a cancellation or decline always wins over a create or reschedule of the same instant.
+EVENT_RANK = {
+    "booking.created": 0,
+    "booking.rescheduled": 1,
+    "booking.approved": 1,
+    "booking.noShow": 2,
+    "booking.completed": 2,
+    "booking.declined": 3,
+    "booking.cancelled": 3,
+}
+
+
+class EnvelopeError(ValueError):
+    """The body is not a Proximity envelope; the message says which part is wrong."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed delivery body."""
+
+    event: str
+    version: str
+    payload: dict[str, Any]
+    booking_id: str | None
+
+    @property
+    def is_known_event(self) -> bool:
+        return self.event in EVENT_RANK
+
+    @property
+    def rank(self) -> int:
+        return EVENT_RANK.get(self.event, 0)
+
+
+def parse_envelope(body: bytes, header_event: str | None = None) -> Envelope:
+    """Parse and check a delivery body; raise EnvelopeError with a short reason."""
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise EnvelopeError("body is not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise EnvelopeError(f"body is not valid JSON ({error.msg} at line {error.lineno})") from None
+
+    if not isinstance(document, dict):
+        raise EnvelopeError("body is not a JSON object")
+
+    event = document.get("event")
+    if not isinstance(event, str) or not event:
+        raise EnvelopeError("envelope has no event name")
+    if header_event is not None and header_event.strip() != event:
+        raise EnvelopeError(f"X-Webhook-Event {header_event.strip()!r} contradicts the body's event {event!r}")
+
+    created_at = document.get("createdAt")
+    if not isinstance(created_at, str):
+        raise EnvelopeError("envelope has no createdAt")
+    version = normalize_timestamp(created_at)
+    if version is None:
+        raise EnvelopeError(f"envelope createdAt {created_at!r} is not an ISO 8601 time")
+
+    payload = document.get("payload")
+    if not isinstance(payload, dict):
+        raise EnvelopeError("envelope payload is not a JSON object")
+
+    booking_id = payload.get("id")
+    if event in EVENT_RANK and (not isinstance(booking_id, str) or not booking_id.strip()):
+        raise EnvelopeError(f"{event} payload has no booking id")
+    if not isinstance(booking_id, str) or not booking_id.strip():
+        booking_id = None
+
+    return Envelope(event=event, version=version, payload=payload, booking_id=booking_id)
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """Parse an ISO 8601 time; a time without an offset is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def normalize_timestamp(text: str) -> str | None:
+    """Return the time as fixed-width UTC text, so versions compare correctly as strings."""
+    moment = parse_timestamp(text)
+    if moment is None:
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,143 @@
+"""The webhook receiver: verify, store durably, acknowledge. No calendar work happens here."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from connector.envelope import EnvelopeError, parse_envelope
+from connector.intake import DeliveryIntake, DeliveryRecord
+from connector.signatures import SignatureError, verify
+from connector.storage import DeliveryState
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/proximity"
+
+
+class BodyTooLargeError(Exception):
+    """The request body is larger than the configured limit."""
+
+
+class WebhookReceiver:
+    """Handles `POST /webhooks/proximity`."""
+
+    def __init__(self, intake: DeliveryIntake, secrets: Sequence[str], max_body_bytes: int) -> None:
+        self.intake = intake
+        self.secrets = list(secrets)
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        delivery_id = request.headers.get("x-webhook-delivery", "").strip()
+
+        try:
+            body = await self._read_body(request)
+        except BodyTooLargeError:
+            log.warning("delivery %s rejected: body larger than %d bytes", delivery_id or "-", self.max_body_bytes)
+            return _refusal(413, f"body larger than {self.max_body_bytes} bytes")
+        except ClientDisconnect:
+            return _refusal(400, "client disconnected before sending the whole body")
+
+        try:
+            verify(body, request.headers.get("x-webhook-signature"), self.secrets)
+        except SignatureError as error:
+            log.warning("delivery %s rejected: %s", delivery_id or "-", error)
+            return _refusal(401, str(error))
+
+        try:
+            envelope = parse_envelope(body, request.headers.get("x-webhook-event"))
+        except EnvelopeError as error:
+            log.warning("delivery %s rejected: %s", delivery_id or "-", error)
+            return _refusal(400, str(error))
+        if not delivery_id:
+            log.warning("delivery rejected: missing X-Webhook-Delivery header")
+            return _refusal(400, "missing X-Webhook-Delivery header")
+
+        state = DeliveryState.PENDING if envelope.is_known_event else DeliveryState.IGNORED
+        record = DeliveryRecord(
+            delivery_id=delivery_id,
+            body_digest=hashlib.sha256(body).hexdigest(),
+            event=envelope.event,
+            version=envelope.version,
+            rank=envelope.rank,
+            booking_id=envelope.booking_id,
+            body=body,
+            state=state,
+        )
+        try:
+            stored = await self.intake.store(record)
+        except Exception as error:
+            log.error("delivery %s not stored, answered 503: %s", delivery_id, error)
+            return _refusal(503, "storage unavailable, retry later")
+
+        outcome = "duplicate" if not stored else ("ignored" if state == DeliveryState.IGNORED else "accepted")
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info(
+            "delivery %s %s: %s booking %s (%.1f ms)",
+            delivery_id, outcome, envelope.event, envelope.booking_id or "-", elapsed_ms,
+        )
+        return JSONResponse({"status": outcome, "delivery": delivery_id})
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise BodyTooLargeError
+
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise BodyTooLargeError
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _refusal(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def health_routes(engine: Engine) -> list[BaseRoute]:
+    """Return `/healthz` (the process answers) and `/readyz` (the database answers)."""
+
+    async def healthz(_request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(_request: Request) -> Response:
+        try:
+            await run_in_threadpool(_ping, engine)
+        except Exception as error:
+            log.warning("readiness check failed: database unreachable: %s", error)
+            return PlainTextResponse("database unreachable", status_code=503)
+        return PlainTextResponse("ready")
+
+    return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def create_app(
+    receiver: WebhookReceiver,
+    engine: Engine,
+    extra_routes: Sequence[BaseRoute] = (),
+    lifespan=None,
+) -> Starlette:
+    """Build the Starlette application."""
+    routes: list[BaseRoute] = [Route(WEBHOOK_PATH, receiver.handle, methods=["POST"])]
+    routes += health_routes(engine)
+    routes += list(extra_routes)
+    return Starlette(routes=routes, lifespan=lifespan)

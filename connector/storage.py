@@ -1,0 +1,122 @@
+"""Database tables and engine.
+
+SQLite (the embedded default) and PostgreSQL hold the same tables. Times are aware UTC datetimes,
+which SQLModel's datetime columns require and return.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, Index, LargeBinary, Text, event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, SQLModel, create_engine
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class DeliveryState:
+    """The states of a stored delivery."""
+
+    PENDING = "pending"
+    APPLIED = "applied"
+    STALE = "stale"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+    ALL = (PENDING, APPLIED, STALE, IGNORED, FAILED)
+
+
+class Delivery(SQLModel, table=True):
+    """One webhook delivery, stored before it is acknowledged."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(unique=True, max_length=200)
+    body_digest: str = Field(unique=True, max_length=64)
+    event: str = Field(max_length=100)
+    version: str = Field(max_length=40, description="Envelope createdAt as fixed-width UTC text.")
+    rank: int = 0
+    booking_id: str | None = Field(default=None, index=True, max_length=200)
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    received_at: datetime = Field(default_factory=utcnow)
+    state: str = Field(default=DeliveryState.PENDING, max_length=20)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    outcome: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    finished_at: datetime | None = None
+
+
+class BookingMapping(SQLModel, table=True):
+    """Which calendar event belongs to which booking: the only record of that link."""
+
+    __tablename__ = "booking_mappings"
+
+    booking_id: str = Field(primary_key=True, max_length=200)
+    calendar_id: str | None = Field(default=None, max_length=300)
+    acting_user: str | None = Field(default=None, max_length=300)
+    event_id: str | None = Field(default=None, max_length=1024)
+    generation: int = 0
+    state: str = Field(default="none", max_length=20)
+    version: str | None = Field(default=None, max_length=40)
+    rank: int = 0
+    event_digest: str | None = Field(default=None, max_length=64)
+    field_digests: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    carried_to: str | None = Field(default=None, max_length=200)
+    last_delivery_id: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class BookingLease(SQLModel, table=True):
+    """A worker's claim on a booking, so two workers never sync one booking at once."""
+
+    __tablename__ = "booking_leases"
+
+    booking_id: str = Field(primary_key=True, max_length=200)
+    owner: str = Field(max_length=200)
+    expires_at: datetime
+
+
+def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+    """Create the engine; SQLite gets WAL, a busy timeout, and write-locking transactions."""
+    if database_url.startswith("sqlite"):
+        engine = create_engine(
+            database_url,
+            connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+
+    return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _configure_sqlite(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _begin_immediate(connection) -> None:
+    # A deferred SQLite transaction that reads and then writes can fail at once with "database is
+    # locked" when another writer committed in between; taking the write lock up front makes it
+    # wait for the busy timeout instead.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_tables(engine: Engine) -> None:
+    """Create any missing table."""
+    import connector.calendars.ics  # noqa: F401  (registers the feed tables)
+
+    SQLModel.metadata.create_all(engine)

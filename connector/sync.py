@@ -1,0 +1,400 @@
+"""Syncing one booking: from its newest pending snapshot to calendar calls and a mapping row.
+
+The worker calls `BookingSync.sync(booking_id)` while it holds the booking's lease. Each run reads
+the booking's pending deliveries, applies only the newest snapshot (older ones are stale by
+definition, since every snapshot is the whole booking), and records the calendar event and the
+outcome of every delivery in one transaction.
+
+Crash safety comes from deterministic event ids: a run that dies after the calendar committed
+but before the mapping did is repeated by the next run, whose insert answers "already exists"
+and adopts the event instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
+
+from connector.calendars.base import (
+    CalendarBackend,
+    CalendarError,
+    EventAlreadyExistsError,
+    EventBody,
+    EventGoneError,
+    Target,
+    TransientCalendarError,
+)
+from connector.decisions import (
+    Action,
+    BookingDecision,
+    CurrentEvent,
+    Desired,
+    MappingState,
+    Plan,
+    Presence,
+    decide_presence,
+    digest_body,
+    digest_fields,
+    event_id_for,
+    plan_change,
+)
+from connector.envelope import parse_envelope
+from connector.event_content import RenderedText, build_event_body
+from connector.queue import (
+    MappingUpdate,
+    acquire_lease,
+    finish_deliveries,
+    load_current,
+    load_pending,
+    release_lease,
+    renew_lease,
+    schedule_retry,
+    supersede_failed,
+    write_mapping,
+)
+from connector.routing import NoRouteError
+from connector.snapshots import Snapshot, SnapshotError
+from connector.storage import Delivery, DeliveryState, utcnow
+
+log = logging.getLogger(__name__)
+
+# Inserting a new generation after finding the id taken by a deleted event is bounded, so a
+# calendar that keeps answering "already exists" fails the delivery instead of looping.
+MAX_GENERATION_BUMPS = 5
+
+
+class Router(Protocol):
+    def route(self, payload: dict) -> Target: ...
+
+
+class Template(Protocol):
+    def render(self, payload: dict, marker: str | None) -> RenderedText: ...
+
+
+class PermanentSyncError(Exception):
+    """The newest snapshot cannot be applied until someone changes the setup or the booking."""
+
+
+class BookingBusyError(Exception):
+    """A booking this sync needs is leased by another worker; try again shortly."""
+
+
+@dataclass(frozen=True)
+class DeliveryBackoff:
+    """When a delivery that failed with a transient error is tried again."""
+
+    base_seconds: float = 30.0
+    max_seconds: float = 900.0
+    max_attempts: int = 12
+
+    def delay(self, attempts_made: int, retry_after: float | None = None) -> float | None:
+        """Return the wait before the next attempt, or None when no attempt is left.
+
+        The wait doubles from `base_seconds` up to `max_seconds`, with full jitter in its upper
+        half, and is never shorter than the calendar's Retry-After.
+        """
+        if attempts_made >= self.max_attempts:
+            return None
+        ceiling = min(self.max_seconds, self.base_seconds * 2 ** max(attempts_made - 1, 0))
+        wait = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        return wait
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What a plan did: the mapping rows to write and a sentence for the log."""
+
+    mapping: MappingUpdate | None
+    predecessor: MappingUpdate | None
+    outcome: str
+
+
+class BookingSync:
+    """Applies a booking's newest pending snapshot to its calendar."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        backend: CalendarBackend,
+        router: Router,
+        template: Template,
+        owner: str,
+        lease_seconds: float = 120.0,
+        backoff: DeliveryBackoff | None = None,
+    ) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.router = router
+        self.template = template
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.backoff = backoff or DeliveryBackoff()
+
+    def sync(self, booking_id: str) -> int:
+        """Apply the booking's pending deliveries; return how many were finished or rescheduled."""
+        deliveries = load_pending(self.engine, booking_id)
+        now = utcnow()
+        if not any(delivery.next_attempt_at <= now for delivery in deliveries):
+            return 0
+
+        started = time.perf_counter()
+        snapshots = [self._snapshot(delivery) for delivery in deliveries]
+        newest_index = max(range(len(snapshots)), key=lambda index: (snapshots[index].version, snapshots[index].rank))
+        newest = snapshots[newest_index]
+        predecessor_id = newest.rescheduled_from
+        predecessor_leased = False
+
+        try:
+            if predecessor_id is not None:
+                predecessor_leased = self._lease_predecessor(predecessor_id)
+            applied = self._apply(newest, predecessor_id)
+        except BookingBusyError as error:
+            self._retry(deliveries, str(error), retry_after=1.0, count_attempt=False)
+            return len(deliveries)
+        except TransientCalendarError as error:
+            self._retry(deliveries, self._describe(newest, error), retry_after=error.retry_after)
+            return len(deliveries)
+        except (CalendarError, PermanentSyncError, SnapshotError, NoRouteError) as error:
+            self._fail(deliveries, newest_index, newest, self._describe(newest, error))
+            return len(deliveries)
+        except SQLAlchemyError:
+            raise
+        except Exception as error:
+            # A bug must not turn into a tight loop: the deliveries back off like a transient error.
+            log.exception("booking %s delivery %s: unexpected error", booking_id, newest.delivery_id)
+            self._retry(deliveries, self._describe(newest, error), retry_after=None)
+            return len(deliveries)
+        finally:
+            if predecessor_leased:
+                release_lease(self.engine, predecessor_id, self.owner)
+
+        self._record(deliveries, newest_index, newest, applied)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info("booking %s delivery %s: %s (%.0f ms)", booking_id, newest.delivery_id, applied.outcome, elapsed_ms)
+        return len(deliveries)
+
+    def _snapshot(self, delivery: Delivery) -> Snapshot:
+        envelope = parse_envelope(delivery.body or b"{}")
+        return Snapshot(
+            booking_id=delivery.booking_id or "",
+            event=delivery.event,
+            version=delivery.version,
+            rank=delivery.rank,
+            payload=envelope.payload,
+            delivery_id=delivery.delivery_id,
+        )
+
+    def _lease_predecessor(self, predecessor_id: str) -> bool:
+        if acquire_lease(self.engine, predecessor_id, self.owner, self.lease_seconds):
+            return True
+        raise BookingBusyError(f"booking {predecessor_id} (rescheduled into this one) is being synced by another worker")
+
+    def _apply(self, snapshot: Snapshot, predecessor_id: str | None) -> Applied:
+        current = load_current(self.engine, snapshot.booking_id)
+        predecessor = None
+        if predecessor_id is not None:
+            predecessor = (predecessor_id, load_current(self.engine, predecessor_id))
+
+        decision = decide_presence(snapshot.event, snapshot.status)
+        if decision.warning:
+            log.warning("booking %s delivery %s: %s", snapshot.booking_id, snapshot.delivery_id, decision.warning)
+
+        desired = self._desired(snapshot, decision) if _needs_event(decision, current, snapshot) else Desired(None, None)
+        plan = plan_change(current, snapshot.version, snapshot.rank, desired, predecessor)
+        return self._execute(plan, snapshot, desired, predecessor_id)
+
+    def _desired(self, snapshot: Snapshot, decision: BookingDecision) -> Desired:
+        if decision.presence is Presence.NONE:
+            return Desired(None, None)
+        target = self.router.route(snapshot.payload)
+        text = self.template.render(snapshot.payload, decision.marker)
+        return Desired(target, build_event_body(snapshot, decision, text))
+
+    def _execute(self, plan: Plan, snapshot: Snapshot, desired: Desired, predecessor_id: str | None) -> Applied:
+        base = plan.base
+        action = plan.action
+
+        if action is Action.CARRIED_OVER:
+            return self._unchanged(f"ignored: booking was rescheduled into {base.carried_to}")
+        if action is Action.STALE:
+            return self._unchanged("stale: not newer than the applied snapshot")
+
+        if action is Action.UNCHANGED:
+            state = base.state if base.is_live else MappingState.NONE
+            outcome = "unchanged" if base.is_live else "no event needed"
+            result = self._mapping(snapshot, base, state, base.target, base.event_id, base.generation, desired.body)
+        elif action is Action.DELETE:
+            self.backend.delete_event(base.target, base.event_id)
+            outcome = f"deleted event {base.event_id} from {base.target.calendar_id}"
+            result = self._mapping(snapshot, base, MappingState.DELETED, base.target, base.event_id, base.generation, None)
+        elif action is Action.UPDATE:
+            result, outcome = self._update(snapshot, base, plan.changes, desired)
+        elif action is Action.MOVE:
+            result, outcome = self._move(snapshot, base, desired)
+        else:
+            generation = base.generation + 1 if base.event_id else base.generation
+            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body)
+            outcome = f"created event {event_id} in {desired.target.calendar_id}"
+            result = self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body)
+
+        return self._with_predecessor(result, outcome, snapshot, plan, predecessor_id)
+
+    def _update(self, snapshot: Snapshot, base: CurrentEvent, changes: EventBody, desired: Desired):
+        try:
+            self.backend.patch_event(base.target, base.event_id, changes)
+        except EventGoneError:
+            # The host deleted the event by hand; the booking still wants one, so write a new
+            # generation (a deleted id can never be written again).
+            event_id, generation = self._insert(desired.target, snapshot.booking_id, base.generation + 1, desired.body)
+            outcome = f"re-created event {event_id} in {desired.target.calendar_id} (the previous one was deleted in the calendar)"
+            return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
+
+        fields = ", ".join(sorted(changes))
+        outcome = f"updated {fields} of event {base.event_id} in {base.target.calendar_id}"
+        return self._mapping(snapshot, base, MappingState.LIVE, base.target, base.event_id, base.generation, desired.body), outcome
+
+    def _move(self, snapshot: Snapshot, base: CurrentEvent, desired: Desired):
+        # The new calendar's event is written first, so a crash in between leaves the booking
+        # visible; the next run adopts the new event (same id) and deletes the old one again.
+        event_id, generation = self._insert(desired.target, snapshot.booking_id, base.generation + 1, desired.body)
+        self.backend.delete_event(base.target, base.event_id)
+        outcome = f"moved event from {base.target.calendar_id} to {desired.target.calendar_id} as {event_id}"
+        return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
+
+    def _insert(self, target: Target, booking_id: str, generation: int, body: EventBody) -> tuple[str, int]:
+        """Insert the event under the first free generation; adopt a live one already there."""
+        for _ in range(MAX_GENERATION_BUMPS):
+            event_id = event_id_for(booking_id, generation)
+            try:
+                self.backend.insert_event(target, event_id, body)
+                return event_id, generation
+            except EventAlreadyExistsError:
+                existing = self.backend.get_event(target, event_id)
+
+            if existing is not None and existing.is_live:
+                log.info("booking %s: adopted existing event %s in %s", booking_id, event_id, target.calendar_id)
+                self.backend.patch_event(target, event_id, body)
+                return event_id, generation
+            generation += 1
+
+        raise PermanentSyncError(
+            f"event ids of generations up to {generation} are all taken by deleted events in {target.calendar_id}"
+        )
+
+    def _mapping(self, snapshot, base, state, target, event_id, generation, body) -> MappingUpdate:
+        return MappingUpdate(
+            booking_id=snapshot.booking_id,
+            state=state,
+            target=target,
+            event_id=event_id,
+            generation=generation,
+            version=snapshot.version,
+            rank=snapshot.rank,
+            field_digests=digest_fields(body) if body else {},
+            event_digest=digest_body(body) if body else None,
+            last_delivery_id=snapshot.delivery_id,
+        )
+
+    @staticmethod
+    def _unchanged(outcome: str) -> Applied:
+        """Return a result that writes no mapping, so every delivery is recorded as stale."""
+        return Applied(mapping=None, predecessor=None, outcome=outcome)
+
+    def _with_predecessor(self, result, outcome, snapshot, plan, predecessor_id) -> Applied:
+        if predecessor_id is None:
+            return Applied(result, None, outcome)
+
+        if plan.takes_over_from is not None:
+            outcome += f" (taken over from booking {predecessor_id})"
+        elif plan.base.is_live:
+            # The booking already has its own event, so the predecessor's mapping stays as it is.
+            return Applied(result, None, outcome)
+
+        # From now on the predecessor's own snapshots change nothing: a late create of it must not
+        # add a second event, and its cancellation must not remove the carried-over one.
+
+        tombstone = MappingUpdate(
+            booking_id=predecessor_id,
+            state=MappingState.CARRIED_OVER,
+            target=None,
+            event_id=None,
+            generation=0,
+            version=None,
+            rank=0,
+            field_digests={},
+            event_digest=None,
+            carried_to=snapshot.booking_id,
+        )
+        return Applied(result, tombstone, outcome)
+
+    def _record(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied) -> None:
+        is_stale = applied.mapping is None
+        outcomes = {}
+        for index, delivery in enumerate(deliveries):
+            if index == newest_index:
+                state = DeliveryState.STALE if is_stale else DeliveryState.APPLIED
+                outcomes[delivery.id] = (state, applied.outcome)
+            else:
+                outcomes[delivery.id] = (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")
+
+        with Session(self.engine) as session:
+            renew_lease(session.connection(), newest.booking_id, self.owner, self.lease_seconds)
+            if applied.mapping is not None:
+                write_mapping(session, applied.mapping)
+                supersede_failed(session, newest.booking_id, newest.version, newest.rank, newest.delivery_id)
+            if applied.predecessor is not None:
+                write_mapping(session, applied.predecessor)
+            finish_deliveries(session, outcomes)
+            session.commit()
+
+    def _retry(self, deliveries: list[Delivery], error: str, retry_after: float | None, count_attempt: bool = True) -> None:
+        delays = []
+        for delivery in deliveries:
+            attempts = delivery.attempts + 1 if count_attempt else delivery.attempts
+            delays.append(self.backoff.delay(attempts, retry_after) if count_attempt else retry_after)
+        schedule_retry(self.engine, deliveries, error, delays)
+        given_up = sum(delay is None for delay in delays)
+        log.warning(
+            "booking %s: %d deliveries will be retried, %d failed for good: %s",
+            deliveries[0].booking_id, len(deliveries) - given_up, given_up, error,
+        )
+
+    def _fail(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str) -> None:
+        outcomes = {}
+        for index, delivery in enumerate(deliveries):
+            if index == newest_index:
+                outcomes[delivery.id] = (DeliveryState.FAILED, error)
+            else:
+                outcomes[delivery.id] = (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")
+        with Session(self.engine) as session:
+            finish_deliveries(session, outcomes)
+            session.execute(
+                Delivery.__table__.update().where(Delivery.id == deliveries[newest_index].id)
+                .values(attempts=Delivery.attempts + 1)
+            )
+            session.commit()
+        log.error("booking %s delivery %s failed: %s", newest.booking_id, newest.delivery_id, error)
+
+    @staticmethod
+    def _describe(snapshot: Snapshot, error: Exception) -> str:
+        text = error.describe() if isinstance(error, CalendarError) else str(error)
+        return f"booking {snapshot.booking_id}: {text}"
+
+
+def _needs_event(decision: BookingDecision, current: CurrentEvent, snapshot: Snapshot) -> bool:
+    """Tell whether the desired event must be built (routing and rendering can fail)."""
+    if decision.presence is Presence.NONE:
+        return False
+    if current.state is MappingState.CARRIED_OVER:
+        return False
+    return (snapshot.version, snapshot.rank) > (current.version or "", current.rank)
