@@ -68,6 +68,11 @@ class SyncWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
         log.info("sync worker %s stopped", self.owner)
 
+    def in_flight(self) -> int:
+        """Return how many bookings are being synced right now."""
+        with self._lock:
+            return len(self._in_flight)
+
     def run_until_idle(self, timeout: float = 30.0) -> None:
         """Sync every due booking in the calling thread; for tests and one-shot commands."""
         import time

@@ -1,0 +1,126 @@
+"""Client-side pacing that keeps calendar calls under Google's per-minute quotas.
+
+Google Calendar counts requests per user and per project, each per minute. The pacer
+spaces calls evenly instead of letting them burst: a user's calls are at least
+`60 / per_user_per_minute` seconds apart, and calls of the whole project at least
+`60 / per_project_per_minute` seconds apart. Each caller reserves the next free slot
+under a lock and then sleeps outside it, so concurrent threads get distinct slots and
+never wait on each other's sleep.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# The user map is pruned of idle users once it holds this many entries, so a long-lived
+# pacer that sees many acting users does not grow without bound.
+PRUNE_THRESHOLD = 1024
+
+
+class PacingTimeoutError(Exception):
+    """The wait for a free slot would be longer than the caller allows."""
+
+    def __init__(self, user: str, wait_seconds: float) -> None:
+        super().__init__(
+            f"calls for {user} are paced: the next free slot is {wait_seconds:.1f} s away"
+        )
+        self.user = user
+        self.wait_seconds = wait_seconds
+
+
+@dataclass
+class _UserSlots:
+    """The next free slot of one user and the end of its slow-down, in clock seconds."""
+
+    next_slot: float = 0.0
+    blocked_until: float = 0.0
+
+
+class Pacer:
+    """Spaces calls so each user, and the project as a whole, stays under a per-minute rate.
+
+    Thread-safe. `clock` and `sleep` default to `time.monotonic` and `time.sleep`, and
+    tests inject fakes to check the timing without waiting.
+    """
+
+    def __init__(
+        self,
+        per_user_per_minute: float = 600,
+        per_project_per_minute: float = 10000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if per_user_per_minute <= 0:
+            raise ValueError(f"per_user_per_minute must be positive, got {per_user_per_minute}")
+        if per_project_per_minute <= 0:
+            raise ValueError(
+                f"per_project_per_minute must be positive, got {per_project_per_minute}"
+            )
+
+        self.per_user_per_minute = per_user_per_minute
+        self.per_project_per_minute = per_project_per_minute
+        self._user_interval = 60.0 / per_user_per_minute
+        self._project_interval = 60.0 / per_project_per_minute
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._users: dict[str, _UserSlots] = {}
+        self._project_next_slot = 0.0
+
+    def acquire(self, user: str, timeout: float | None = None) -> float:
+        """Block until `user` may make one call, and return the seconds spent waiting.
+
+        With a `timeout`, a wait longer than it reserves nothing and raises
+        PacingTimeoutError, so a caller can give up instead of holding a thread.
+        """
+        with self._lock:
+            now = self._clock()
+            slots = self._users.get(user)
+            if slots is None:
+                if len(self._users) >= PRUNE_THRESHOLD:
+                    self._prune(now)
+                slots = self._users[user] = _UserSlots()
+
+            slot = max(now, slots.next_slot, slots.blocked_until, self._project_next_slot)
+            wait = slot - now
+            if timeout is not None and wait > timeout:
+                raise PacingTimeoutError(user, wait)
+
+            slots.next_slot = slot + self._user_interval
+            self._project_next_slot = slot + self._project_interval
+
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+    def slow_down(self, user: str, seconds: float) -> None:
+        """Hold back the calls of `user` for `seconds` from now, after a rate-limit error."""
+        if seconds <= 0:
+            return
+
+        with self._lock:
+            now = self._clock()
+            slots = self._users.setdefault(user, _UserSlots())
+            slots.blocked_until = max(slots.blocked_until, now + seconds)
+
+    def delay(self, user: str) -> float:
+        """Return the seconds a call of `user` made now would wait, without reserving a slot."""
+        with self._lock:
+            now = self._clock()
+            slots = self._users.get(user, _UserSlots())
+            slot = max(now, slots.next_slot, slots.blocked_until, self._project_next_slot)
+            return slot - now
+
+    def _prune(self, now: float) -> None:
+        """Drop users whose slots are all in the past, because they would not delay a call."""
+        idle = [
+            user
+            for user, slots in self._users.items()
+            if slots.next_slot <= now and slots.blocked_until <= now
+        ]
+        for user in idle:
+            del self._users[user]

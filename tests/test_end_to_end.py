@@ -1,0 +1,340 @@
+"""Signed deliveries in, Google Calendar events out: the connector against the emulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from connector.decisions import event_id_for
+from tests.support import SECRET, booking, signed_delivery
+
+JANE = "jane@example.com"
+OMAR = "omar@example.com"
+
+
+def live_events(emulator, calendar_id: str = JANE) -> list[dict]:
+    return emulator.events(calendar_id)
+
+
+def writes(emulator) -> list:
+    return [request for request in emulator.requests if request.method != "GET"]
+
+
+def test_sample_booking_becomes_event(google_connector, emulator):
+    response = google_connector.deliver("booking.created", booking())
+    google_connector.wait_idle()
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "accepted"
+    events = live_events(emulator)
+    assert len(events) == 1
+    event = events[0]
+    assert event["id"] == event_id_for("bkg_xyz789", 0)
+    assert event["summary"] == "30 Minute Call with Alex Johnson"
+    assert event["status"] == "confirmed"
+    assert event["location"] == "https://meet.google.com/abc-defg-hij"
+    assert event["start"]["dateTime"] == "2026-03-16T14:00:00Z"
+    assert event["end"]["dateTime"] == "2026-03-16T14:30:00Z"
+    assert event["extendedProperties"]["private"]["proximityBookingId"] == "bkg_xyz789"
+    for expected in ("alex@example.com", "+1-555-0123", "America/New_York", "Looking forward to it",
+                     "Acme Inc.", "Engineering Manager", "https://meet.google.com/abc-defg-hij"):
+        assert expected in event["description"]
+
+
+def test_writes_send_no_updates_and_charge_host(google_connector, emulator):
+    google_connector.deliver("booking.created", booking())
+    google_connector.wait_idle()
+
+    inserts = [request for request in emulator.requests if request.method == "POST"]
+    assert len(inserts) == 1
+    assert inserts[0].query.get("sendUpdates") == "none"
+    assert inserts[0].query.get("quotaUser") == JANE
+    assert inserts[0].user == JANE
+
+
+def test_pending_booking_is_tentative(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(status="PendingApproval"))
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["status"] == "tentative"
+
+
+def test_approval_confirms_tentative_event(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(status="PendingApproval"), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.approved", booking(status="Confirmed"), "2026-03-16T14:06:00Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["status"] == "confirmed"
+    assert not events[0]["summary"].startswith("Pending")
+
+
+@pytest.mark.parametrize("event", ["booking.declined", "booking.cancelled"])
+def test_removing_event_deletes_calendar_event(google_connector, emulator, event):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver(event, booking(status="Cancelled"), "2026-03-16T14:07:00Z")
+    google_connector.wait_idle()
+
+    assert live_events(emulator) == []
+    deleted = emulator.events(JANE, include_deleted=True)
+    assert len(deleted) == 1
+    assert deleted[0]["status"] == "cancelled"
+    assert google_connector.mapping("bkg_xyz789")["state"] == "deleted"
+
+
+@pytest.mark.parametrize(
+    ("event", "prefix"), [("booking.noShow", "No-show: "), ("booking.completed", "Completed: ")]
+)
+def test_marker_events_keep_event_and_say_so(google_connector, emulator, event, prefix):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver(event, booking(), "2026-03-16T15:00:00Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["summary"] == prefix + "30 Minute Call with Alex Johnson"
+
+
+def test_reschedule_same_id_moves_time_with_one_patch(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    requests_before = len(emulator.requests)
+
+    moved = booking(startTime="2026-03-17T09:00:00Z", endTime="2026-03-17T09:30:00Z")
+    google_connector.deliver("booking.rescheduled", moved, "2026-03-16T16:00:00Z")
+    google_connector.wait_idle()
+
+    new_requests = emulator.requests[requests_before:]
+    assert [request.method for request in new_requests] == ["PATCH"]
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["start"]["dateTime"] == "2026-03-17T09:00:00Z"
+    assert events[0]["end"]["dateTime"] == "2026-03-17T09:30:00Z"
+
+
+def test_duplicate_delivery_id_stores_nothing_new(google_connector, emulator):
+    delivery = signed_delivery("booking.created", booking(), delivery_id="dlv_same")
+    first = google_connector.send(delivery)
+    second = google_connector.send(delivery)
+    google_connector.wait_idle()
+
+    assert first.json()["status"] == "accepted"
+    assert second.status_code == 200
+    assert second.json()["status"] == "duplicate"
+    assert len(google_connector.deliveries()) == 1
+    assert len(writes(emulator)) == 1
+
+
+def test_same_body_new_delivery_id_is_duplicate(google_connector, emulator):
+    delivery = signed_delivery("booking.created", booking(), delivery_id="dlv_a")
+    retry = type(delivery)(delivery.body, {**delivery.headers, "X-Webhook-Delivery": "dlv_b"})
+    google_connector.send(delivery)
+    response = google_connector.send(retry)
+    google_connector.wait_idle()
+
+    assert response.json()["status"] == "duplicate"
+    assert [row["delivery_id"] for row in google_connector.deliveries()] == ["dlv_a"]
+
+
+def test_repeat_after_apply_costs_no_call(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    requests_before = len(emulator.requests)
+
+    stale = booking(notes="reordered copy")
+    google_connector.deliver("booking.created", stale, "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    assert len(emulator.requests) == requests_before
+    assert google_connector.deliveries()[-1]["state"] == "stale"
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"X-Webhook-Signature": "0" * 64}, 401),
+        ({"X-Webhook-Signature": ""}, 401),
+        ({"X-Webhook-Event": "booking.cancelled"}, 400),
+        ({"X-Webhook-Delivery": ""}, 400),
+    ],
+)
+def test_refused_delivery_changes_nothing(google_connector, emulator, change, status):
+    delivery = signed_delivery("booking.created", booking())
+    response = google_connector.send(delivery, change)
+    google_connector.wait_idle()
+
+    assert response.status_code == status
+    assert google_connector.deliveries() == []
+    assert emulator.requests == []
+
+
+def test_wrong_secret_rejected(google_connector, emulator):
+    response = google_connector.send(signed_delivery("booking.created", booking(), secret="not-" + SECRET))
+
+    assert response.status_code == 401
+    assert google_connector.deliveries() == []
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"event": "booking.created"}'])
+def test_malformed_body_rejected(google_connector, body):
+    import hashlib
+    import hmac
+
+    headers = {
+        "X-Webhook-Signature": hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-Webhook-Event": "booking.created",
+        "X-Webhook-Delivery": "dlv_bad",
+    }
+    response = google_connector.client.post("/webhooks/proximity", content=body, headers=headers)
+
+    assert response.status_code == 400
+    assert response.json()["error"]
+    assert google_connector.deliveries() == []
+
+
+def test_oversized_body_rejected(google_connector, emulator):
+    huge = booking(invitee={"name": "x" * (1024 * 1024 + 10)})
+    response = google_connector.deliver("booking.created", huge)
+
+    assert response.status_code == 413
+    assert google_connector.deliveries() == []
+
+
+def test_unknown_event_type_stored_as_ignored(google_connector, emulator):
+    response = google_connector.deliver("booking.paymentReceived", booking())
+    google_connector.wait_idle()
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "ignored"
+    assert [row["state"] for row in google_connector.deliveries()] == ["ignored"]
+    assert emulator.requests == []
+
+
+def test_headers_are_case_insensitive(google_connector, emulator):
+    delivery = signed_delivery("booking.created", booking())
+    lowered = {name.lower(): value for name, value in delivery.headers.items()}
+    response = google_connector.client.post("/webhooks/proximity", content=delivery.body, headers=lowered)
+    google_connector.wait_idle()
+
+    assert response.status_code == 200
+    assert len(live_events(emulator)) == 1
+
+
+def test_late_older_snapshot_changes_nothing(google_connector, emulator):
+    moved = booking(startTime="2026-03-18T10:00:00Z", endTime="2026-03-18T10:30:00Z")
+    google_connector.deliver("booking.rescheduled", moved, "2026-03-16T16:00:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["start"]["dateTime"] == "2026-03-18T10:00:00Z"
+
+
+def test_cancel_overtaking_create_leaves_no_event(google_connector, emulator):
+    google_connector.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:10:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    assert emulator.events(JANE, include_deleted=True) == []
+    assert [row["state"] for row in google_connector.deliveries()] == ["applied", "stale"]
+
+
+def test_cancel_wins_tie_with_create(google_connector, emulator):
+    google_connector.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    assert live_events(emulator) == []
+
+
+def test_new_id_reschedule_takes_over_event(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    original_id = live_events(emulator)[0]["id"]
+
+    successor = booking(id="bkg_new", rescheduledFrom="bkg_old",
+                        startTime="2026-03-20T08:00:00Z", endTime="2026-03-20T08:30:00Z")
+    google_connector.deliver("booking.rescheduled", successor, "2026-03-16T15:00:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.cancelled", booking(id="bkg_old", status="Cancelled"), "2026-03-16T15:00:01Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["id"] == original_id
+    assert events[0]["start"]["dateTime"] == "2026-03-20T08:00:00Z"
+    assert events[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_new"
+    assert google_connector.mapping("bkg_new")["event_id"] == original_id
+    assert google_connector.mapping("bkg_old")["state"] == "carried_over"
+
+
+def test_reschedule_before_original_creates_one_event(google_connector, emulator):
+    successor = booking(id="bkg_new", rescheduledFrom="bkg_old",
+                        startTime="2026-03-20T08:00:00Z", endTime="2026-03-20T08:30:00Z")
+    google_connector.deliver("booking.created", successor, "2026-03-16T15:00:00Z")
+    google_connector.wait_idle()
+    google_connector.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_new"
+
+
+def test_host_change_moves_event(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    reassigned = booking(hostEmail=OMAR, hostUserId="usr_omar", hostName="Omar Haddad")
+    google_connector.deliver("booking.rescheduled", reassigned, "2026-03-16T15:00:00Z")
+    google_connector.wait_idle()
+
+    assert live_events(emulator, JANE) == []
+    moved = live_events(emulator, OMAR)
+    assert len(moved) == 1
+    assert moved[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_xyz789"
+    assert google_connector.mapping("bkg_xyz789")["calendar_id"] == OMAR
+
+
+def test_non_ascii_and_emoji_survive(google_connector, emulator):
+    payload = booking(eventTypeName="Café ☕ consult", invitee={"name": "Zoë Ångström 🎉", "email": "zoe@example.com"})
+    response = google_connector.deliver("booking.created", payload)
+    google_connector.wait_idle()
+
+    assert response.status_code == 200
+    events = live_events(emulator)
+    assert events[0]["summary"] == "Café ☕ consult with Zoë Ångström 🎉"
+
+
+def test_host_without_route_fails_delivery(google_connector, emulator):
+    payload = booking(hostEmail=None, hostUserId="usr_nomail", hostName="No Mail")
+    google_connector.deliver("booking.created", payload)
+    google_connector.wait_idle()
+
+    rows = google_connector.deliveries()
+    assert rows[0]["state"] == "failed"
+    assert "usr_nomail" in rows[0]["last_error"]
+    assert emulator.requests == []
+
+
+def test_host_deleted_event_is_recreated(google_connector, emulator):
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+    emulator.delete_event_directly(JANE, event_id_for("bkg_xyz789", 0))
+
+    google_connector.deliver("booking.rescheduled", booking(notes="x", startTime="2026-03-16T15:00:00Z",
+                                                            endTime="2026-03-16T15:30:00Z"), "2026-03-16T14:30:00Z")
+    google_connector.wait_idle()
+
+    events = live_events(emulator)
+    assert len(events) == 1
+    assert events[0]["id"] == event_id_for("bkg_xyz789", 1)
+    assert events[0]["start"]["dateTime"] == "2026-03-16T15:00:00Z"

@@ -1,0 +1,213 @@
+"""Tests of the per-user and per-project call pacer, on a fake clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from connector import pacing
+from connector.pacing import Pacer, PacingTimeoutError
+
+
+class FakeClock:
+    """A clock that moves only when the code under test sleeps or a test advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_pacer(clock: FakeClock, per_user: float = 60, per_project: float = 600) -> Pacer:
+    return Pacer(per_user, per_project, clock=clock, sleep=clock.sleep)
+
+
+def test_first_call_does_not_wait() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock)
+
+    assert pacer.acquire("ana@example.com") == 0
+    assert clock.sleeps == []
+
+
+def test_user_calls_are_evenly_spaced() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60)
+
+    waits = [pacer.acquire("ana@example.com") for _ in range(4)]
+
+    assert waits == [0, 1.0, 1.0, 1.0]
+
+
+def test_users_are_paced_independently() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60, per_project=6000)
+
+    pacer.acquire("ana@example.com")
+    wait_for_other_user = pacer.acquire("ben@example.com")
+
+    assert wait_for_other_user == pytest.approx(0.01)
+
+
+def test_project_rate_limits_all_users() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60, per_project=120)
+
+    waits = [pacer.acquire(f"user{index}@example.com") for index in range(4)]
+
+    assert waits == [0, 0.5, 0.5, 0.5]
+
+
+def test_idle_time_gives_no_burst() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60)
+
+    pacer.acquire("ana@example.com")
+    clock.advance(600)
+    first_after_idle = pacer.acquire("ana@example.com")
+    second_after_idle = pacer.acquire("ana@example.com")
+
+    assert first_after_idle == 0
+    assert second_after_idle == 1.0
+
+
+def test_slow_down_delays_only_that_user() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60, per_project=6000)
+
+    pacer.slow_down("ana@example.com", 5)
+    other_wait = pacer.acquire("ben@example.com")
+    slowed_wait = pacer.acquire("ana@example.com")
+
+    assert other_wait == 0
+    assert slowed_wait == pytest.approx(5.0)
+
+
+def test_slow_down_never_shortens_a_pause() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock)
+
+    pacer.slow_down("ana@example.com", 10)
+    pacer.slow_down("ana@example.com", 2)
+
+    assert pacer.delay("ana@example.com") == pytest.approx(10.0)
+
+
+def test_slow_down_ignores_non_positive_seconds() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock)
+
+    pacer.slow_down("ana@example.com", 0)
+    pacer.slow_down("ana@example.com", -3)
+
+    assert pacer.delay("ana@example.com") == 0
+
+
+def test_timeout_raises_and_reserves_nothing() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock)
+    pacer.slow_down("ana@example.com", 100)
+
+    with pytest.raises(PacingTimeoutError) as caught:
+        pacer.acquire("ana@example.com", timeout=30)
+
+    assert caught.value.wait_seconds == pytest.approx(100.0)
+    assert caught.value.user == "ana@example.com"
+    assert "ana@example.com" in str(caught.value)
+    assert clock.sleeps == []
+    assert pacer.delay("ana@example.com") == pytest.approx(100.0)
+
+
+def test_timeout_allows_shorter_waits() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60)
+
+    pacer.acquire("ana@example.com")
+    wait = pacer.acquire("ana@example.com", timeout=5)
+
+    assert wait == 1.0
+
+
+def test_delay_reserves_nothing() -> None:
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60)
+    pacer.acquire("ana@example.com")
+
+    assert pacer.delay("ana@example.com") == 1.0
+    assert pacer.delay("ana@example.com") == 1.0
+
+
+@pytest.mark.parametrize("per_user, per_project", [(0, 100), (-1, 100), (100, 0)])
+def test_non_positive_rates_are_rejected(per_user: float, per_project: float) -> None:
+    with pytest.raises(ValueError):
+        Pacer(per_user, per_project)
+
+
+def test_threads_get_distinct_slots() -> None:
+    clock = FakeClock()
+    waits: list[float] = []
+    waits_lock = threading.Lock()
+    # The clock stands still, so every thread reserves a slot at a distinct offset.
+    pacer = Pacer(60, 6000, clock=clock, sleep=lambda seconds: None)
+
+    def worker() -> None:
+        for _ in range(5):
+            wait = pacer.acquire("ana@example.com")
+            with waits_lock:
+                waits.append(wait)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(waits) == [float(index) for index in range(40)]
+
+
+def test_idle_users_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pacing, "PRUNE_THRESHOLD", 10)
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60, per_project=60000)
+
+    for index in range(50):
+        pacer.acquire(f"user{index}@example.com")
+        clock.advance(2)
+
+    assert len(pacer._users) <= 10
+
+
+def test_pruning_keeps_paused_users(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pacing, "PRUNE_THRESHOLD", 10)
+    clock = FakeClock()
+    pacer = make_pacer(clock, per_user=60, per_project=60000)
+    pacer.slow_down("paused@example.com", 1000)
+
+    for index in range(50):
+        pacer.acquire(f"user{index}@example.com")
+        clock.advance(2)
+
+    assert pacer.delay("paused@example.com") > 800
+
+
+def test_real_clock_spaces_calls() -> None:
+    pacer = Pacer(per_user_per_minute=6000, per_project_per_minute=60000)
+
+    started = time.monotonic()
+    for _ in range(11):
+        pacer.acquire("ana@example.com")
+    elapsed = time.monotonic() - started
+
+    # Ten intervals of 10 ms each.
+    assert elapsed >= 0.095
