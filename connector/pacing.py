@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# The user map is pruned of idle users once it holds this many entries, so a long-lived
-# pacer that sees many acting users does not grow without bound.
+# Idle users are pruned once the user map contains this many entries, so a long-lived
+# pacer that serves many acting users does not grow without bound.
 PRUNE_THRESHOLD = 1024
 
 

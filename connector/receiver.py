@@ -7,16 +7,16 @@ import logging
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from connector.envelope import EnvelopeError, parse_envelope
+from connector.health import health_routes
 from connector.intake import DeliveryIntake, DeliveryRecord
+from connector.metrics import ACK_LATENCY, DELIVERIES_RECEIVED
 from connector.signatures import SignatureError, verify
 from connector.storage import DeliveryState
 
@@ -38,31 +38,38 @@ class WebhookReceiver:
         self.max_body_bytes = max_body_bytes
 
     async def handle(self, request: Request) -> Response:
+        """Answer one delivery and record its outcome and latency."""
         started = time.perf_counter()
+        response, outcome = await self._handle(request, started)
+        DELIVERIES_RECEIVED.labels(outcome).inc()
+        ACK_LATENCY.observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: Request, started: float) -> tuple[Response, str]:
         delivery_id = request.headers.get("x-webhook-delivery", "").strip()
 
         try:
             body = await self._read_body(request)
         except BodyTooLargeError:
             log.warning("delivery %s rejected: body larger than %d bytes", delivery_id or "-", self.max_body_bytes)
-            return _refusal(413, f"body larger than {self.max_body_bytes} bytes")
+            return _refusal(413, f"body larger than {self.max_body_bytes} bytes"), "too_large"
         except ClientDisconnect:
-            return _refusal(400, "client disconnected before sending the whole body")
+            return _refusal(400, "client disconnected before sending the whole body"), "malformed"
 
         try:
             verify(body, request.headers.get("x-webhook-signature"), self.secrets)
         except SignatureError as error:
             log.warning("delivery %s rejected: %s", delivery_id or "-", error)
-            return _refusal(401, str(error))
+            return _refusal(401, str(error)), "bad_signature"
 
         try:
             envelope = parse_envelope(body, request.headers.get("x-webhook-event"))
         except EnvelopeError as error:
             log.warning("delivery %s rejected: %s", delivery_id or "-", error)
-            return _refusal(400, str(error))
+            return _refusal(400, str(error)), "malformed"
         if not delivery_id:
             log.warning("delivery rejected: missing X-Webhook-Delivery header")
-            return _refusal(400, "missing X-Webhook-Delivery header")
+            return _refusal(400, "missing X-Webhook-Delivery header"), "malformed"
 
         state = DeliveryState.PENDING if envelope.is_known_event else DeliveryState.IGNORED
         record = DeliveryRecord(
@@ -79,7 +86,7 @@ class WebhookReceiver:
             stored = await self.intake.store(record)
         except Exception as error:
             log.error("delivery %s not stored, answered 503: %s", delivery_id, error)
-            return _refusal(503, "storage unavailable, retry later")
+            return _refusal(503, "storage unavailable, retry later"), "unavailable"
 
         outcome = "duplicate" if not stored else ("ignored" if state == DeliveryState.IGNORED else "accepted")
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -87,7 +94,7 @@ class WebhookReceiver:
             "delivery %s %s: %s booking %s (%.1f ms)",
             delivery_id, outcome, envelope.event, envelope.booking_id or "-", elapsed_ms,
         )
-        return JSONResponse({"status": outcome, "delivery": delivery_id})
+        return JSONResponse({"status": outcome, "delivery": delivery_id}), outcome
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -106,28 +113,6 @@ class WebhookReceiver:
 
 def _refusal(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
-
-
-def health_routes(engine: Engine) -> list[BaseRoute]:
-    """Return `/healthz` (the process answers) and `/readyz` (the database answers)."""
-
-    async def healthz(_request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    async def readyz(_request: Request) -> Response:
-        try:
-            await run_in_threadpool(_ping, engine)
-        except Exception as error:
-            log.warning("readiness check failed: database unreachable: %s", error)
-            return PlainTextResponse("database unreachable", status_code=503)
-        return PlainTextResponse("ready")
-
-    return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
-
-
-def _ping(engine: Engine) -> None:
-    with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
 
 
 def create_app(

@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often, and how long, to retry a calendar call that failed transiently.
+    """The number of attempts and the waits between them for calendar calls that fail transiently.
 
     The wait before retry n (n = 1, 2, ...) is drawn uniformly from
     [0, min(max_wait, base_wait * 2 ** (n - 1))] seconds ("full jitter"). A `retry_after`
@@ -64,7 +64,7 @@ class RetryPolicy:
         return self.random_fraction() * ceiling
 
     def call(self, function: Callable[[], T], *, method: str, calendar_id: str | None) -> T:
-        """Call `function` and retry it on transient errors; `method` and `calendar_id` go to the log."""
+        """Call `function` and retry it on transient errors. `method` and `calendar_id` appear in the log."""
         schedule = _Schedule(self, self.clock())
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransientCalendarError),
@@ -80,8 +80,8 @@ class RetryPolicy:
 class _Schedule:
     """The waits and the stop decision of one retried call.
 
-    tenacity asks for the wait and for the stop decision separately, in an order that
-    differs between its versions, so both read one wait planned per attempt.
+    tenacity requests the wait and the stop decision separately, in an order that differs
+    between its versions, so both read one wait planned per attempt.
     """
 
     def __init__(self, policy: RetryPolicy, started: float) -> None:

@@ -47,6 +47,7 @@ from connector.decisions import (
     plan_change,
 )
 from connector.envelope import parse_envelope
+from connector.metrics import DELIVERIES_FINISHED
 from connector.event_content import RenderedText, build_event_body
 from connector.queue import (
     MappingUpdate,
@@ -356,6 +357,8 @@ class BookingSync:
                 write_mapping(session, applied.predecessor)
             finish_deliveries(session, outcomes)
             session.commit()
+        for state, _ in outcomes.values():
+            DELIVERIES_FINISHED.labels(state).inc()
 
     def _retry(self, deliveries: list[Delivery], error: str, retry_after: float | None, count_attempt: bool = True) -> None:
         delays = []
@@ -364,6 +367,8 @@ class BookingSync:
             delays.append(self.backoff.delay(attempts, retry_after) if count_attempt else retry_after)
         schedule_retry(self.engine, deliveries, error, delays)
         given_up = sum(delay is None for delay in delays)
+        DELIVERIES_FINISHED.labels("retried").inc(len(deliveries) - given_up)
+        DELIVERIES_FINISHED.labels("failed").inc(given_up)
         log.warning(
             "booking %s: %d deliveries will be retried, %d failed for good: %s",
             deliveries[0].booking_id, len(deliveries) - given_up, given_up, error,
@@ -383,6 +388,8 @@ class BookingSync:
                 .values(attempts=Delivery.attempts + 1)
             )
             session.commit()
+        for state, _ in outcomes.values():
+            DELIVERIES_FINISHED.labels(state).inc()
         log.error("booking %s delivery %s failed: %s", newest.booking_id, newest.delivery_id, error)
 
     @staticmethod

@@ -13,6 +13,8 @@ from typing import Any
 import httplib2
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth.exceptions import RefreshError
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
@@ -643,15 +645,18 @@ def test_unknown_client_rejected(emulator: CalendarEmulator, tmp_path: Path) -> 
 
 
 def test_bad_signature_rejected(emulator: CalendarEmulator, tmp_path: Path) -> None:
-    real_path = tmp_path / "real.json"
-    other_path = tmp_path / "other.json"
-    document = emulator.make_service_account_key(real_path)
-    other = emulator.make_service_account_key(other_path, client_email="other@proximity-test.iam.gserviceaccount.com")
-    document["private_key"] = other["private_key"]
-    real_path.write_text(json.dumps(document))
+    key_path = tmp_path / "key.json"
+    document = emulator.make_service_account_key(key_path)
+    unregistered_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    document["private_key"] = unregistered_key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    ).decode("ascii")
+    key_path.write_text(json.dumps(document))
 
     with pytest.raises(RefreshError) as caught:
-        calendar_service(emulator, delegated_credentials(real_path)).events().list(calendarId=JANE).execute()
+        calendar_service(emulator, delegated_credentials(key_path)).events().list(calendarId=JANE).execute()
 
     assert "invalid_grant" in str(caught.value)
     assert "Invalid JWT Signature." in str(caught.value)

@@ -52,7 +52,7 @@ def waits() -> Waits:
 def open_backend(
     emulator: CalendarEmulator, service_account_key: Path, waits: Waits
 ) -> Iterator[Callable[..., GoogleCalendar]]:
-    """Return a factory of backends aimed at the emulator; they record waits instead of sleeping."""
+    """Return a factory of backends aimed at the emulator, which record waits instead of sleeping."""
     opened: list[GoogleCalendar] = []
 
     def open_backend(credentials_file: Path | None = None, **options: object) -> GoogleCalendar:
@@ -125,6 +125,16 @@ def test_insert_then_get(backend: GoogleCalendar, emulator: CalendarEmulator) ->
 
 def test_get_unknown_event_is_none(backend: GoogleCalendar) -> None:
     assert backend.get_event(TARGET, "neverused") is None
+
+
+def test_get_of_gone_event_is_cancelled(backend: GoogleCalendar, emulator: CalendarEmulator) -> None:
+    emulator.add_fault(method="GET", status=410, reason="deleted")
+
+    fetched = backend.get_event(TARGET, "bk00040")
+
+    assert fetched is not None
+    assert fetched.event_id == "bk00040"
+    assert not fetched.is_live
 
 
 def test_patch_changes_given_fields(backend: GoogleCalendar, emulator: CalendarEmulator) -> None:
@@ -382,7 +392,7 @@ def test_retry_after_seconds_is_honoured(
     backend.insert_event(TARGET, "bk00022", booking_body("B-22"))
 
     assert waits.retry == [2.0]
-    # The pacer holds the user back for the same time; its clock is real, so a little has passed.
+    # The pacer holds the user back for the same time. Its clock is real, so a little has passed.
     assert len(waits.pacing) == 1
     assert 1.5 < waits.pacing[0] <= 2.0
 
@@ -490,6 +500,25 @@ def test_timeout_is_transient(
     assert "timed out" in caught.value.message
     assert caught.value.calendar_id == USER
     wait_for_requests(emulator, 2)
+
+
+def test_every_call_takes_a_pacing_slot(
+    open_backend: Callable[..., GoogleCalendar], waits: Waits
+) -> None:
+    # One call per second for each user. The sleeps are only recorded, so slots are reserved
+    # 1 s and 2 s ahead, and the other user's call gets the project's next slot after them.
+    backend = open_backend(pacer=Pacer(60, 6000, sleep=waits.pacing.append))
+    other_user = Target(calendar_id="ben@example.com", acting_user="ben@example.com")
+
+    backend.insert_event(TARGET, "bk00041", booking_body("B-41"))
+    backend.get_event(TARGET, "bk00041")
+    backend.delete_event(TARGET, "bk00041")
+    backend.get_event(other_user, "bk00041")
+
+    assert len(waits.pacing) == 3
+    assert 0.5 < waits.pacing[0] <= 1.0
+    assert 1.5 < waits.pacing[1] <= 2.0
+    assert 1.5 < waits.pacing[2] <= 2.01
 
 
 # ----- credentials -----

@@ -199,7 +199,7 @@ def test_budget_stops_backoff() -> None:
             function, method="events.get", calendar_id="cal"
         )
 
-    # Waits of 1, 2 and 4 s fit in 10 s; the next 8 s wait would end at 15 s.
+    # Waits of 1, 2 and 4 s fit in 10 s, but the next 8 s wait would end at 15 s.
     assert clock.sleeps == [1.0, 2.0, 4.0]
     assert len(calls) == 4
 

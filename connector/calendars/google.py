@@ -55,10 +55,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_API_ENDPOINT = "https://www.googleapis.com/calendar/v3/"
 
-# 403 reasons that mean "too fast": the call may succeed after a short wait.
+# 403 reasons that mean "too fast", so the call may succeed after a short wait.
 RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 
-# 403 reasons that mean a usage quota is used up: waiting seconds does not help.
+# 403 reasons that mean a usage quota is used up, so waiting seconds does not help.
 QUOTA_REASONS = frozenset({"quotaExceeded", "dailyLimitExceeded"})
 
 # The pause, in seconds, for a user after a quota error without Retry-After. It is a
@@ -148,7 +148,7 @@ class GoogleCalendar:
         self._client.close()
 
     def insert_event(self, target: Target, event_id: str, body: EventBody) -> RemoteEvent:
-        """Create an event with a caller-chosen id; raise EventAlreadyExistsError if it is taken.
+        """Create an event with a caller-chosen id, or raise EventAlreadyExistsError if it is taken.
 
         A retry after a lost response can also raise EventAlreadyExistsError, because
         the first attempt may have created the event.
@@ -168,7 +168,7 @@ class GoogleCalendar:
         return _remote_event(response)
 
     def get_event(self, target: Target, event_id: str) -> RemoteEvent | None:
-        """Fetch an event, cancelled ones included; return None if the calendar has no such id."""
+        """Fetch an event, cancelled ones included, or return None if the calendar has no such id."""
         call = _Call("events.get", target, event_id)
 
         try:
@@ -188,7 +188,7 @@ class GoogleCalendar:
         return _remote_event(response)
 
     def patch_event(self, target: Target, event_id: str, changes: EventBody) -> RemoteEvent:
-        """Change only the given fields; raise EventGoneError if the event is deleted or missing."""
+        """Change only the given fields, or raise EventGoneError if the event is deleted or missing."""
         call = _Call("events.patch", target, event_id)
 
         try:
@@ -203,9 +203,10 @@ class GoogleCalendar:
                 ),
             )
         except PermanentCalendarError as error:
-            # Google answers 403 "forbidden" to a patch of an event that a host deleted,
+            # Google returns 403 "forbidden" to a patch of an event that a host deleted,
             # so a get decides whether the event is gone or access is really missing.
-            if error.status == 403 and error.reason == "forbidden" and self._is_deleted(target, event_id):
+            forbidden = error.status == 403 and error.reason == "forbidden"
+            if forbidden and self._is_deleted(target, event_id):
                 raise EventGoneError(
                     f"{call.describe()}: the event was deleted in the calendar, so it cannot "
                     "be changed",
@@ -218,7 +219,7 @@ class GoogleCalendar:
         return _remote_event(response)
 
     def delete_event(self, target: Target, event_id: str) -> None:
-        """Delete an event; an event that is already deleted or was never created counts as deleted."""
+        """Delete an event. An event that is already deleted or was never created counts as deleted."""
         call = _Call("events.delete", target, event_id)
 
         try:
@@ -277,10 +278,10 @@ class GoogleCalendar:
     def move_event(
         self, target: Target, event_id: str, destination_calendar_id: str
     ) -> RemoteEvent:
-        """Move an event to another calendar, which changes its organizer; return it as moved.
+        """Move an event to another calendar, which changes its organizer, and return it as moved.
 
         Raises EventGoneError when the event or the destination calendar is not found,
-        because Google answers 404 to both.
+        because Google returns 404 for both.
         """
         call = _Call(f"events.move to {destination_calendar_id}", target, event_id)
 
@@ -407,8 +408,8 @@ class GoogleCalendar:
 
         if status == 404:
             return CalendarNotFoundError(
-                f"{where}: the calendar was not found, or is not shared with {user}; check the "
-                f"calendar id and give {user} access to it ({message})",
+                f"{where}: the calendar was not found, or is not shared with {user} "
+                f"({message}). Check the calendar id and give {user} access to it",
                 **details,
             )
 
@@ -420,8 +421,8 @@ class GoogleCalendar:
         if status == 403 and reason in QUOTA_REASONS:
             pause = max(retry_after or 0.0, self._quota_retry_after)
             return RateLimitedError(
-                f"{where}: a usage quota is exhausted ({message}); calls for {user} pause for "
-                f"{pause:.0f} s",
+                f"{where}: a usage quota is exhausted ({message}), so calls for {user} pause "
+                f"for {pause:.0f} s",
                 retry_after=pause,
                 **details,
             )
@@ -434,7 +435,7 @@ class GoogleCalendar:
         if status == 401:
             return PermanentCalendarError(
                 f"{where}: the API rejected the access token of {user} even after a refresh "
-                f"({message}); check the credentials file {self._credentials.path}",
+                f"({message}). Check the credentials file {self._credentials.path}",
                 **details,
             )
 
@@ -450,7 +451,7 @@ def _forbidden_advice(reason: str | None, user: str) -> str:
     """Return what an operator can do about a 403 that is not a rate or quota limit."""
     if reason == "forbiddenForServiceAccounts":
         return (
-            "A service account cannot make this change as itself; set an acting user and "
+            "A service account cannot make this change as itself. Set an acting user and "
             "grant the service account domain-wide delegation"
         )
     return f'Check that {user} has "Make changes to events" access to the calendar'
@@ -460,8 +461,8 @@ def error_reason(error: HttpError) -> str | None:
     """Return the machine-readable reason of an API error, such as "rateLimitExceeded".
 
     The reason is read from `error.errors[0].reason` of the response body first, because
-    HttpError.error_details holds the newer `error.details` list instead when a response
-    has both.
+    HttpError.error_details contains the newer `error.details` list instead when a
+    response has both.
     """
     try:
         errors = json.loads(error.content)["error"]["errors"]

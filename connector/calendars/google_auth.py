@@ -99,8 +99,8 @@ class GoogleCredentials:
 class UserAuthorizer:
     """Adds one acting user's bearer token to requests, and refreshes it when needed.
 
-    Token errors become calendar errors here: a transport failure or a retryable token
-    endpoint answer is transient, and everything else is permanent with a hint for the
+    Token errors become calendar errors here. A transport failure or a retryable token
+    endpoint response is transient, and everything else is permanent with a hint for the
     operator.
     """
 
@@ -157,12 +157,12 @@ class UserAuthorizer:
         logger.debug("refreshed the access token for %s", self.identity)
 
     def _refresh_failure(self, error: google.auth.exceptions.RefreshError) -> CalendarError:
-        """Turn a token endpoint rejection into an error that tells the operator what to do."""
+        """Turn a token endpoint rejection into an error that includes the operator's next step."""
         code, detail = _refresh_error_parts(error)
         prefix = f"token request for {self.identity} was rejected ({detail})"
 
         if error.retryable:
-            return TransientCalendarError(f"{prefix}; the token endpoint may recover", reason=code)
+            return TransientCalendarError(f"{prefix}, and the token endpoint may recover", reason=code)
 
         return PermanentCalendarError(f"{prefix}. {self._advice(code)}", reason=code)
 
@@ -258,7 +258,7 @@ def _load_service_account(path: Path, info: dict[str, Any]) -> GoogleCredentials
     try:
         credentials = service_account.Credentials.from_service_account_info(info, scopes=[SCOPE])
     except (ValueError, TypeError) as error:
-        # google-auth names the missing fields; for a malformed key it raises from the
+        # google-auth names the missing fields. For a malformed key it raises from the
         # cryptography parser, whose message does not quote the key.
         raise CredentialsFileError(path, f"is not a usable service-account key: {error}") from None
 

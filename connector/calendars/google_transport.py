@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 _REQUEST_HEADERS_TO_DROP = frozenset({"content-length", "host"})
 
 # httpx decodes gzip and deflate bodies, so these response headers would describe bytes
-# the caller never sees.
+# that the caller does not receive.
 _RESPONSE_HEADERS_TO_DROP = frozenset({"content-encoding", "content-length"})
 
 
@@ -101,7 +101,7 @@ class AuthRequest(google.auth.transport.Request):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> _AuthResponse:
-        """Send one token request; raise google.auth's TransportError when it cannot complete."""
+        """Send one token request, or raise google.auth's TransportError when it cannot complete."""
         try:
             response = self._client.request(
                 method,
@@ -120,7 +120,7 @@ class Authorizer(Protocol):
     """Adds one user's credentials to API requests."""
 
     def authorize(self, method: str, url: str, headers: dict[str, str]) -> str | None:
-        """Add the authorization header, refreshing the token first if needed; return the token used."""
+        """Add the authorization header, refreshing the token first if needed, and return the token used."""
         ...
 
     def refresh_rejected(self, rejected_token: str | None) -> None:
@@ -148,7 +148,7 @@ class AuthorizedHttp:
         redirections: int = httplib2.DEFAULT_MAX_REDIRECTS,
         connection_type: Any = None,
     ) -> tuple[httplib2.Response, bytes]:
-        """Send an authorized request; on a 401, refresh the token once and send it again.
+        """Send an authorized request, and after a 401 refresh the token once and send it again.
 
         Raises a CalendarError when the request cannot complete (timeout, connection
         failure) or the token cannot be obtained. `redirections` and `connection_type`
@@ -164,7 +164,7 @@ class AuthorizedHttp:
         response = self._send(method, uri, body, request_headers)
 
         if response.status_code == 401:
-            logger.debug("%s %s returned 401; refreshing the token once", method, describe_url(uri))
+            logger.debug("%s %s returned 401, so the token is refreshed once", method, describe_url(uri))
             self._authorizer.refresh_rejected(token)
             request_headers.pop("authorization", None)
             self._authorizer.authorize(method, uri, request_headers)

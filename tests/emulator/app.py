@@ -134,7 +134,7 @@ class EmulatorApp:
         calendar_id: str | None = None
         user: str | None = None
         fault: Fault | None = None
-        dropped = False
+        drop = False
 
         try:
             route = resolve_route(call.method, call.segments)
@@ -155,8 +155,7 @@ class EmulatorApp:
             fault = self._faults.take(call.method, call.path, calendar_id)
             if fault is not None and not fault.after_commit:
                 await asyncio.sleep(fault.delay)
-                if fault.drops_connection:
-                    dropped = await drop_connection(request)
+                drop = fault.drops_connection
                 if fault.status is not None:
                     raise fault.error()
 
@@ -170,12 +169,21 @@ class EmulatorApp:
         if fault is not None and fault.after_commit:
             # The change is stored. The client sees only the error, as when a response is lost.
             await asyncio.sleep(fault.delay)
-            if fault.drops_connection:
-                dropped = await drop_connection(request)
+            drop = fault.drops_connection
             if fault.status is not None:
                 response = fault.error().response()
 
-        self._record(call, route, calendar_id, user, 0 if dropped else response.status_code, fault)
+        transport = connection_transport(request) if drop else None
+        if drop and transport is None:
+            logger.warning("Cannot drop the connection: the server's send callable has no transport")
+            response = ApiError(502, "backendError", "The emulator could not drop the connection.").response()
+
+        # Record before closing, so the call is recorded by the time the client sees the closed connection.
+        self._record(call, route, calendar_id, user, 0 if transport else response.status_code, fault)
+        if transport is not None:
+            transport.close()
+            # Let the server notice the closed connection, so it discards the response that follows.
+            await asyncio.sleep(0)
         return response
 
     def _execute(self, route: ApiRoute, user: str, calendar_id: str | None, call: ApiCall) -> Response:
@@ -322,15 +330,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-async def drop_connection(request: Request) -> bool:
-    """Close the request's connection without an answer. Returns False when the server offers no transport."""
+def connection_transport(request: Request) -> Any:
+    """Return the asyncio transport of the request's connection, or None when the server hides it."""
     send = request.scope.get(SEND_SCOPE_KEY)
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        logger.warning("Cannot drop the connection: the server's send callable has no transport")
-        return False
-
-    transport.close()
-    # Let the server notice the closed connection, so it discards the response that follows.
-    await asyncio.sleep(0)
-    return True
+    return getattr(getattr(send, "__self__", None), "transport", None)
