@@ -66,6 +66,12 @@ def serve(host: str, port: int) -> None:
     connector = _connector(settings, with_worker=True)
     _announce(settings, connector, f"http://{host}:{port}")
     app = build_web_app(connector)
+
+    # uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the
+    # handlers that were installed before it started; these make that second delivery a no-op,
+    # so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False)
 
 

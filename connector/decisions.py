@@ -197,7 +197,9 @@ def plan_change(
     if not base.is_live:
         return Plan(Action.CREATE, base, changes=dict(desired.body), takes_over_from=takes_over_from)
 
-    if base.target != desired.target:
+    # A change of acting user alone is not a move: the event stays in the same calendar, and
+    # the next calls are made as the new user.
+    if base.target.calendar_id != desired.target.calendar_id:
         return Plan(Action.MOVE, base, changes=dict(desired.body), takes_over_from=takes_over_from)
 
     changes = changed_fields(base.field_digests, desired.body)

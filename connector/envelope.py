@@ -64,6 +64,8 @@ def parse_envelope(body: bytes, header_event: str | None = None) -> Envelope:
         raise EnvelopeError("body is not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise EnvelopeError(f"body is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise EnvelopeError("body is nested too deeply") from None
 
     if not isinstance(document, dict):
         raise EnvelopeError("body is not a JSON object")
@@ -71,7 +73,7 @@ def parse_envelope(body: bytes, header_event: str | None = None) -> Envelope:
     event = document.get("event")
     if not isinstance(event, str) or not event:
         raise EnvelopeError("envelope has no event name")
-    if header_event is not None and header_event.strip() != event:
+    if header_event and header_event.strip() and header_event.strip() != event:
         raise EnvelopeError(f"X-Webhook-Event {header_event.strip()!r} contradicts the body's event {event!r}")
 
     created_at = document.get("createdAt")
@@ -98,11 +100,11 @@ def parse_timestamp(text: str) -> datetime | None:
     """Parse an ISO 8601 time; a time without an offset is taken as UTC."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def normalize_timestamp(text: str) -> str | None:
@@ -110,4 +112,4 @@ def normalize_timestamp(text: str) -> str | None:
     moment = parse_timestamp(text)
     if moment is None:
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -54,4 +54,4 @@ class Snapshot:
         moment = parse_timestamp(value) if isinstance(value, str) else None
         if moment is None:
             raise SnapshotError(f"booking {self.booking_id} has no valid {key} (got {value!r})")
-        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")

@@ -233,7 +233,8 @@ class BookingSync:
         if action is Action.UNCHANGED:
             state = base.state if base.is_live else MappingState.NONE
             outcome = "unchanged" if base.is_live else "no event needed"
-            result = self._mapping(snapshot, base, state, base.target, base.event_id, base.generation, desired.body)
+            target = desired.target or base.target
+            result = self._mapping(snapshot, base, state, target, base.event_id, base.generation, desired.body)
         elif action is Action.DELETE:
             self.backend.delete_event(base.target, base.event_id)
             outcome = f"deleted event {base.event_id} from {base.target.calendar_id}"
@@ -252,7 +253,7 @@ class BookingSync:
 
     def _update(self, snapshot: Snapshot, base: CurrentEvent, changes: EventBody, desired: Desired):
         try:
-            self.backend.patch_event(base.target, base.event_id, changes)
+            self.backend.patch_event(desired.target, base.event_id, changes)
         except EventGoneError:
             # The host deleted the event by hand; the booking still wants one, so write a new
             # generation (a deleted id can never be written again).
@@ -261,8 +262,8 @@ class BookingSync:
             return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
 
         fields = ", ".join(sorted(changes))
-        outcome = f"updated {fields} of event {base.event_id} in {base.target.calendar_id}"
-        return self._mapping(snapshot, base, MappingState.LIVE, base.target, base.event_id, base.generation, desired.body), outcome
+        outcome = f"updated {fields} of event {base.event_id} in {desired.target.calendar_id}"
+        return self._mapping(snapshot, base, MappingState.LIVE, desired.target, base.event_id, base.generation, desired.body), outcome
 
     def _move(self, snapshot: Snapshot, base: CurrentEvent, desired: Desired):
         # The new calendar's event is written first, so a crash in between leaves the booking
