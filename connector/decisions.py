@@ -1,7 +1,7 @@
 """Pure sync decisions: what a booking snapshot calls for, and which calls close the gap.
 
-Nothing here does I/O. The worker reads the mapping row and the newest snapshot, asks
-`plan_change` what to do, makes the calendar calls, and records the result. Because every
+Nothing here does I/O. The worker reads the mapping row and the newest snapshot, calls
+`plan_change` for a plan, makes the calendar calls, and records the result. Because every
 snapshot is a whole booking, the decision depends only on the newest snapshot and on what the
 mapping says is in the calendar (level-triggered), never on the sequence of events in between.
 """
@@ -25,7 +25,7 @@ class Presence(Enum):
 
 
 class MappingState(str, Enum):
-    """What the mapping table says about a booking's calendar event."""
+    """The state of a booking's calendar event as the mapping table records it."""
 
     LIVE = "live"
     DELETED = "deleted"
@@ -41,7 +41,7 @@ MARKER_STATUSES = {"noshow": "no_show", "no_show": "no_show", "no-show": "no_sho
 
 @dataclass(frozen=True)
 class BookingDecision:
-    """What the newest snapshot asks for, before any calendar is consulted."""
+    """The event presence and marker the newest snapshot calls for, before any calendar is read."""
 
     presence: Presence
     marker: str | None = None
@@ -102,7 +102,7 @@ def _digest(value: object) -> str:
 
 @dataclass(frozen=True)
 class CurrentEvent:
-    """What the mapping table says is in the calendar for a booking."""
+    """The calendar event of a booking, as the mapping table records it."""
 
     state: MappingState
     target: Target | None = None

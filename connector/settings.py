@@ -16,7 +16,7 @@ DEFAULT_GOOGLE_API_ENDPOINT = "https://www.googleapis.com/calendar/v3/"
 
 
 class SettingsError(Exception):
-    """A setting is missing or invalid; the message names it and says what is expected."""
+    """A setting is missing or invalid. The message names the setting and the expected value."""
 
 
 class Settings(BaseSettings):
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=120.0, gt=0, description="How long a worker owns a booking before others may take it over.")
     delivery_retry_base_seconds: float = Field(default=30.0, gt=0, description="First delay before a failed delivery is retried.")
     delivery_retry_max_seconds: float = Field(default=900.0, gt=0, description="Longest delay between two attempts of a delivery.")
-    delivery_max_attempts: int = Field(default=12, ge=1, description="Attempts before a delivery that keeps failing is marked failed.")
+    delivery_max_attempts: int = Field(default=14, ge=1, description="Attempts before a delivery that keeps failing is marked failed.")
     call_max_attempts: int = Field(default=5, ge=1, description="Attempts of one calendar call within a delivery attempt.")
     call_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one calendar API request.")
     google_user_requests_per_minute: int = Field(default=600, gt=0, description="Calendar API requests per minute allowed per host.")

@@ -1,0 +1,84 @@
+"""Settings: defaults, validation messages, and the documentation that lists them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connector.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTING_NAMES = [name.upper() for name in Settings.model_fields]
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_env_example_lists_setting(name):
+    assert f"{name}=" in (ROOT / ".env.example").read_text()
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_readme_lists_setting(name):
+    assert f"`{name}`" in (ROOT / "README.md").read_text()
+
+
+def test_secrets_split_on_commas(monkeypatch):
+    monkeypatch.setenv("PROXIMITY_WEBHOOK_SECRET", " old-secret , new-secret ,")
+
+    settings = load_settings(_env_file=None)
+
+    assert settings.webhook_secrets == ["old-secret", "new-secret"]
+
+
+def test_backend_defaults_to_ics(monkeypatch):
+    monkeypatch.delenv("GOOGLE_CREDENTIALS_FILE", raising=False)
+    monkeypatch.delenv("CALENDAR_BACKEND", raising=False)
+
+    assert load_settings(_env_file=None).backend_name == "ics"
+
+
+def test_backend_defaults_to_google_with_credentials(monkeypatch, tmp_path):
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    monkeypatch.setenv("GOOGLE_CREDENTIALS_FILE", str(key))
+    monkeypatch.delenv("CALENDAR_BACKEND", raising=False)
+
+    assert load_settings(_env_file=None).backend_name == "google"
+
+
+def test_invalid_number_names_setting(monkeypatch):
+    monkeypatch.setenv("WEBHOOK_MAX_BODY_BYTES", "-5")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None)
+
+    assert str(raised.value).startswith("WEBHOOK_MAX_BODY_BYTES is invalid (got '-5')")
+
+
+def test_secret_value_never_echoed(monkeypatch):
+    monkeypatch.setenv("PROXIMITY_WEBHOOK_SECRET", "topsecret")
+    monkeypatch.setenv("LOG_LEVEL", "LOUD")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None)
+
+    assert "LOG_LEVEL" in str(raised.value)
+    assert "topsecret" not in str(raised.value)
+
+
+def test_missing_credentials_file_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("GOOGLE_CREDENTIALS_FILE", str(tmp_path / "absent.json"))
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None)
+
+    assert "absent.json" in str(raised.value)
+    assert "GOOGLE_CREDENTIALS_FILE" in str(raised.value)
+
+
+def test_dotenv_file_read(monkeypatch, tmp_path):
+    monkeypatch.delenv("PROXIMITY_WEBHOOK_SECRET", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PROXIMITY_WEBHOOK_SECRET=from-dotenv\n")
+
+    assert load_settings(_env_file=dotenv).webhook_secrets == ["from-dotenv"]
