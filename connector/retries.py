@@ -133,7 +133,7 @@ def _log_retry(
     wait = state.next_action.sleep if state.next_action is not None else state.upcoming_sleep
 
     logger.warning(
-        "%s on calendar %s failed with %s %s; retrying in %.2f s (attempt %d of %d)",
+        "%s on calendar %s failed with %s %s, retrying in %.2f s (attempt %d of %d)",
         method,
         calendar_id or "-",
         status if status is not None else "no status",

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import crypt
+from google.auth import jwt as google_jwt
 from google.auth.exceptions import RefreshError
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
@@ -85,10 +87,20 @@ def http_error(call: Any) -> HttpError:
     return caught.value
 
 
+@pytest.fixture(scope="module")
+def shared_credentials(
+    calendar_emulator: CalendarEmulator, tmp_path_factory: pytest.TempPathFactory
+) -> service_account.Credentials:
+    """Delegated credentials for jane@example.com, loaded once because google-auth takes about 50 ms to load a key."""
+    key_path = tmp_path_factory.mktemp("keys") / "service-account.json"
+    calendar_emulator.make_service_account_key(key_path)
+    return delegated_credentials(key_path)
+
+
 @pytest.fixture
-def service(emulator: CalendarEmulator, service_account_key: Path) -> Resource:
-    """A Calendar client acting as jane@example.com through domain-wide delegation."""
-    return calendar_service(emulator, delegated_credentials(service_account_key))
+def service(emulator: CalendarEmulator, shared_credentials: service_account.Credentials) -> Resource:
+    """A Calendar client acting as jane@example.com, with a copy of the shared credentials that has no token yet."""
+    return calendar_service(emulator, shared_credentials.with_subject(JANE))
 
 
 # ----- event operations -----
@@ -104,7 +116,8 @@ def test_round_trip_through_google_client(emulator: CalendarEmulator, service: R
     assert inserted["status"] == "confirmed"
     assert inserted["organizer"]["email"] == JANE
     assert inserted["creator"]["email"] == JANE
-    assert inserted["etag"].startswith('"') and inserted["etag"].endswith('"')
+    assert inserted["etag"].startswith('"')
+    assert inserted["etag"].endswith('"')
     assert inserted["iCalUID"] == "booking00001@google.com"
     assert inserted["sequence"] == 0
     assert inserted["htmlLink"].startswith("https://")
@@ -340,6 +353,16 @@ def test_calendar_not_shared_not_found(emulator: CalendarEmulator, service: Reso
     assert emulator.event("team@example.com", "shared001")["creator"]["email"] == JANE
 
 
+def test_calendar_shared_without_owner(emulator: CalendarEmulator, service: Resource) -> None:
+    emulator.add_calendar("desk@example.com", shared_with=[JANE])
+    emulator.add_calendar("closed@example.com", shared_with=["bob@example.com"])
+    emulator.add_calendar("open@example.com")
+
+    assert service.calendars().get(calendarId="desk@example.com").execute()["id"] == "desk@example.com"
+    assert service.calendars().get(calendarId="open@example.com").execute()["id"] == "open@example.com"
+    assert http_error(service.calendars().get(calendarId="closed@example.com")).status_code == 404
+
+
 def test_calendar_id_with_slash_is_decoded(emulator: CalendarEmulator, service: Resource) -> None:
     emulator.add_calendar("odd/name@group.calendar.google.com")
 
@@ -555,7 +578,8 @@ def test_latency_applies_to_every_call(emulator: CalendarEmulator, service: Reso
 # ----- authentication -----
 
 
-def test_token_requests_recorded(emulator: CalendarEmulator, service: Resource) -> None:
+def test_token_requests_recorded(emulator: CalendarEmulator, service_account_key: Path) -> None:
+    service = calendar_service(emulator, delegated_credentials(service_account_key))
     service.events().list(calendarId=JANE).execute()
     service.events().list(calendarId=JANE).execute()
 
@@ -578,7 +602,8 @@ def test_missing_token_unauthorized(emulator: CalendarEmulator) -> None:
     assert emulator.requests[-1].status == 401
 
 
-def test_revoked_token_refreshed_by_client(emulator: CalendarEmulator, service: Resource) -> None:
+def test_revoked_token_refreshed_by_client(emulator: CalendarEmulator, service_account_key: Path) -> None:
+    service = calendar_service(emulator, delegated_credentials(service_account_key))
     service.events().list(calendarId=JANE).execute()
 
     emulator.revoke_access_tokens()
@@ -588,7 +613,7 @@ def test_revoked_token_refreshed_by_client(emulator: CalendarEmulator, service: 
     assert len(emulator.token_requests) == 2
 
 
-def test_delegation_refused(emulator: CalendarEmulator, tmp_path: Path) -> None:
+def test_delegation_missing_rejected(emulator: CalendarEmulator, tmp_path: Path) -> None:
     key_path = tmp_path / "no-delegation.json"
     emulator.make_service_account_key(key_path, client_email="nodwd@proximity-test.iam.gserviceaccount.com", delegation=False)
     service = calendar_service(emulator, delegated_credentials(key_path))
@@ -663,6 +688,60 @@ def test_bad_signature_rejected(emulator: CalendarEmulator, tmp_path: Path) -> N
     assert emulator.token_requests[-1].status == 400
 
 
+@pytest.mark.parametrize(
+    ("lifetime", "audience", "scope", "error"),
+    [
+        (-10, "https://oauth2.googleapis.com/token", EVENTS_SCOPE, "invalid_grant"),
+        (7200, "https://oauth2.googleapis.com/token", EVENTS_SCOPE, "invalid_grant"),
+        (3600, "https://example.com/token", EVENTS_SCOPE, "invalid_grant"),
+        (3600, "https://oauth2.googleapis.com/token", "https://www.googleapis.com/auth/drive", "invalid_scope"),
+    ],
+    ids=["expired", "too-long", "wrong-audience", "no-calendar-scope"],
+)
+def test_invalid_assertion_rejected(
+    emulator: CalendarEmulator, tmp_path: Path, lifetime: int, audience: str, scope: str, error: str
+) -> None:
+    key_path = tmp_path / "key.json"
+    document = emulator.make_service_account_key(key_path)
+    now = int(time.time())
+    issued_at = now - 3600 if lifetime < 0 else now
+    payload = {
+        "iss": document["client_email"],
+        "aud": audience,
+        "scope": scope,
+        "iat": issued_at,
+        "exp": now + lifetime,
+    }
+    signer = crypt.RSASigner.from_service_account_file(str(key_path))
+    assertion = google_jwt.encode(signer, payload).decode("ascii")
+
+    response = httpx.post(
+        emulator.token_uri,
+        data={"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion},
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == error
+    assert emulator.token_requests[-1].status == 400
+
+
+def test_own_token_uri_accepted_as_audience(emulator: CalendarEmulator, tmp_path: Path) -> None:
+    key_path = tmp_path / "key.json"
+    document = emulator.make_service_account_key(key_path)
+    now = int(time.time())
+    payload = {"iss": document["client_email"], "aud": emulator.token_uri, "scope": EVENTS_SCOPE, "iat": now, "exp": now + 600}
+    assertion = google_jwt.encode(crypt.RSASigner.from_service_account_file(str(key_path)), payload).decode("ascii")
+
+    response = httpx.post(
+        emulator.token_uri,
+        data={"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion},
+    )
+
+    assert response.status_code == 200
+    assert response.json()["token_type"] == "Bearer"
+    assert response.json()["expires_in"] == 3600
+
+
 def test_authorized_user_refresh(emulator: CalendarEmulator, tmp_path: Path) -> None:
     path = tmp_path / "authorized-user.json"
     document = emulator.make_authorized_user_file(path, user="owner@example.com")
@@ -699,12 +778,14 @@ def test_wrong_refresh_token_rejected(emulator: CalendarEmulator, tmp_path: Path
 # ----- concurrency and lifecycle -----
 
 
-def test_concurrent_clients(emulator: CalendarEmulator, service_account_key: Path) -> None:
+def test_concurrent_clients(emulator: CalendarEmulator, shared_credentials: service_account.Credentials) -> None:
+    credentials = shared_credentials.with_subject(JANE)
+    calendar_service(emulator, credentials).events().list(calendarId=JANE).execute()
     errors: list[BaseException] = []
 
     def insert_many(worker: int) -> None:
         # httplib2 connections are not thread-safe, so every thread builds its own client.
-        service = calendar_service(emulator, delegated_credentials(service_account_key))
+        service = calendar_service(emulator, credentials)
         try:
             for number in range(20):
                 service.events().insert(calendarId=JANE, body=event_body(f"a{worker}b{number:04d}")).execute()
@@ -720,7 +801,7 @@ def test_concurrent_clients(emulator: CalendarEmulator, service_account_key: Pat
     assert errors == []
     assert len(emulator.events(JANE)) == 160
     assert len({event["etag"] for event in emulator.events(JANE)}) == 160
-    assert len(emulator.requests) == 160
+    assert len(emulator.requests) == 161
 
 
 def test_restart_keeps_port(tmp_path: Path) -> None:

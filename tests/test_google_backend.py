@@ -28,7 +28,6 @@ from connector.calendars.google_auth import SCOPE, CredentialsFileError, load_cr
 from connector.pacing import Pacer
 from connector.retries import RetryPolicy
 from tests.emulator import CalendarEmulator
-from tests.emulator.fixtures import calendar_emulator, emulator, service_account_key  # noqa: F401
 
 USER = "ana@example.com"
 TARGET = Target(calendar_id=USER, acting_user=USER)

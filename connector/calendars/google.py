@@ -94,7 +94,7 @@ class GoogleCalendar:
     """Writes events to Google calendars with the Calendar v3 API.
 
     Safe to call from several threads at once. Raises the errors of
-    `connector.calendars.base`; the constructor raises CredentialsFileError (a ValueError)
+    `connector.calendars.base`, and the constructor raises CredentialsFileError (a ValueError)
     for an unusable credentials file.
     """
 

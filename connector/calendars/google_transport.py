@@ -193,8 +193,8 @@ class UnboundHttp:
 
     def request(self, uri: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(
-            f"{method} {describe_url(uri)} was sent without per-user credentials; "
-            "pass http= to execute()"
+            f"{method} {describe_url(uri)} was sent without per-user credentials. "
+            "Pass http= to execute()"
         )
 
     def close(self) -> None:

@@ -34,11 +34,11 @@ UNSUPPORTED_EVENT_METHODS = frozenset({"import", "quickAdd", "watch"})
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One Calendar API call as the emulator answered it.
+    """One Calendar API call and the emulator's response.
 
     `method` is the effective method after any `X-HTTP-Method-Override`. `query` maps each
     parameter to its value, or to a list when the parameter repeats. `status` 0 means the
-    emulator closed the connection without answering.
+    emulator closed the connection without sending a response.
     """
 
     method: str
@@ -103,7 +103,7 @@ class EmulatorApp:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """The recorded Calendar API calls, in the order they were answered."""
+        """The recorded Calendar API calls, in the order the emulator responded."""
         with self._lock:
             return list(self._requests)
 
@@ -140,15 +140,7 @@ class EmulatorApp:
             route = resolve_route(call.method, call.segments)
             calendar_id = route.calendar_id
 
-            grant = self._issuer.authenticate(request.headers.get("authorization"))
-            if grant is None:
-                raise ApiError(
-                    401,
-                    "authError",
-                    AUTH_ERROR_MESSAGE,
-                    headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", error="invalid_token"'},
-                )
-            user = grant.user
+            user = self._authenticated_user(call)
             if calendar_id == "primary":
                 calendar_id = user
 
@@ -186,6 +178,18 @@ class EmulatorApp:
             await asyncio.sleep(0)
         return response
 
+    def _authenticated_user(self, call: ApiCall) -> str:
+        """Return the acting user of the call's bearer token, or raise 401 as Google does."""
+        grant = self._issuer.authenticate(call.headers.get("authorization"))
+        if grant is None:
+            raise ApiError(
+                401,
+                "authError",
+                AUTH_ERROR_MESSAGE,
+                headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", error="invalid_token"'},
+            )
+        return grant.user
+
     def _execute(self, route: ApiRoute, user: str, calendar_id: str | None, call: ApiCall) -> Response:
         """Run the routed operation against the store and render its result."""
         operation = route.operation
@@ -217,6 +221,8 @@ class EmulatorApp:
             return Response(status_code=204)
         if operation == "events.move":
             destination = single(call.query, "destination")
+            if destination == "primary":
+                destination = user
             return json_response(self._store.move(user, calendar_id, event_id, destination))
 
         raise ApiError(501, "notImplemented", f"The emulator does not implement {operation}.")
@@ -267,7 +273,7 @@ async def read_call(request: Request) -> ApiCall:
     body = await request.body()
     query = parse_qs(request.url.query, keep_blank_values=True)
     if request.method == "POST" and method == "GET":
-        for name, values in parse_qs(body.decode("utf-8"), keep_blank_values=True).items():
+        for name, values in parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True).items():
             query.setdefault(name, []).extend(values)
         body = b""
 

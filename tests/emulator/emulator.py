@@ -123,7 +123,7 @@ class CalendarEmulator:
         return document
 
     def revoke_access_tokens(self) -> None:
-        """Invalidate every issued access token. The next API call answers 401 and clients refresh."""
+        """Invalidate every issued access token. The next API call fails with 401, so clients refresh."""
         self._issuer.revoke_access_tokens()
 
     # ----- calendars and events -----
@@ -140,8 +140,8 @@ class CalendarEmulator:
     def add_calendar(self, calendar_id: str, owner: str | None = None, shared_with: Iterable[str] = ()) -> None:
         """Create a calendar that `owner` and the `shared_with` users may use.
 
-        A calendar without owner is open to every authenticated user. Calling it again for an
-        existing calendar replaces the access rules and keeps the events.
+        A calendar with neither owner nor `shared_with` is open to every authenticated user.
+        Calling it again for an existing calendar replaces the access rules and keeps the events.
         """
         if isinstance(shared_with, str):
             shared_with = (shared_with,)
@@ -175,14 +175,14 @@ class CalendarEmulator:
         return self._store.delete_event_directly(calendar_id, event_id)
 
     def invalidate_sync_tokens(self) -> None:
-        """Make every sync token issued so far answer 410 `fullSyncRequired`."""
+        """Make every sync token issued so far fail with 410 `fullSyncRequired`."""
         self._store.invalidate_sync_tokens()
 
     # ----- recorded calls -----
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A snapshot of the Calendar API calls answered so far, oldest first. Token calls are not included."""
+        """A snapshot of the Calendar API calls handled so far, oldest first. Token calls are not included."""
         return self._app.requests
 
     @property
@@ -194,7 +194,7 @@ class CalendarEmulator:
 
     @property
     def latency(self) -> float:
-        """Seconds added before every Calendar API answer."""
+        """Seconds of delay added to every Calendar API call."""
         return self._app.latency
 
     @latency.setter
@@ -220,10 +220,10 @@ class CalendarEmulator:
         resolved) fit every filter given. The first matching fault wins. Faults apply after
         authentication, so a 401 retry does not consume them.
 
-        `after_commit` stores the change before answering the error, as when a response is lost.
+        `after_commit` stores the change before sending the error, as when a response is lost.
         `delay` sleeps before the call is processed, or, with `after_commit`, between storing
-        and answering. `status` None only delays. `status` 0 or "drop" closes the connection
-        without an answer. httplib2 0.32 sends a request a second time when the connection
+        and responding. `status` None only delays. `status` 0 or "drop" closes the connection
+        without a response. httplib2 0.32 sends a request a second time when the connection
         closes before the status line, so a single drop is invisible to its callers. Use
         `times=2` to make the call fail. `times` None applies the fault to every matching call.
         """

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tests.emulator.errors import ApiError
 
-# A fault with this status closes the connection instead of answering.
+# A fault with this status closes the connection instead of sending a response.
 DROP_CONNECTION = 0
 
 
@@ -49,7 +49,7 @@ class Fault:
         return self.status == DROP_CONNECTION
 
     def error(self) -> ApiError:
-        """Build the Google-shaped error that this fault answers."""
+        """Build the Google-shaped error response of this fault."""
         headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
         return ApiError(self.status or 500, self.reason, self.message, headers=headers)
 

@@ -50,8 +50,8 @@ def generate_service_account_key(
 ) -> tuple[dict[str, Any], rsa.RSAPublicKey]:
     """Build a JSON key document with a new key id and return it with the public key to register.
 
-    Every key uses the process's shared RSA key pair, because generating a 2048-bit key takes
-    30 to 190 ms (measured with cryptography 50 on the development container). Each key still
+    Every key uses the process's shared RSA key pair, because generating a 2048-bit key took
+    30 to 190 ms per key with cryptography 50 on a 2-CPU container. Each key still
     has its own `private_key_id`, and the token endpoint checks a signature against the key
     registered under that id.
     """
@@ -125,7 +125,7 @@ def generate_authorized_user(user: str, token_uri: str) -> tuple[dict[str, Any],
 
 
 def write_json_file(path: str | Path, document: dict[str, Any]) -> None:
-    """Write a credential document with owner-only permissions, as gcloud does."""
+    """Write a credential document that only its owner may read, because it contains a secret."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

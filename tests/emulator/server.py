@@ -37,7 +37,7 @@ class BackgroundServer:
             return self.port
 
         # asyncio turns on TCP_NODELAY only for sockets whose protocol is IPPROTO_TCP. Without it,
-        # every answer waits about 40 ms for the client's delayed ACK.
+        # every response waits about 40 ms for the client's delayed ACK.
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((LOOPBACK_HOST, port))

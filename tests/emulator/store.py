@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -35,7 +36,7 @@ DEFAULT_PAGE_SIZE = 250
 MAX_PAGE_SIZE = 2500
 EVENT_STATUSES = frozenset({"confirmed", "tentative", "cancelled"})
 
-# Query parameters that Google refuses to combine with syncToken.
+# Query parameters that Google rejects in combination with syncToken.
 SYNC_INCOMPATIBLE_PARAMETERS = (
     "iCalUID",
     "orderBy",
@@ -65,7 +66,7 @@ class StoredEvent:
 
 @dataclass
 class Calendar:
-    """A calendar and the users who may use it. A calendar without owner is open to every user."""
+    """A calendar and the users who may use it. A calendar with neither owner nor shares is open to every user."""
 
     calendar_id: str
     owner: str | None = None
@@ -74,7 +75,9 @@ class Calendar:
 
     def allows(self, user: str) -> bool:
         """Whether `user` may read and write the calendar's events."""
-        return self.owner is None or user == self.owner or user in self.shared_with
+        if self.owner is None and not self.shared_with:
+            return True
+        return user == self.owner or user in self.shared_with
 
 
 class CalendarStore:
@@ -84,13 +87,13 @@ class CalendarStore:
         self._lock = threading.RLock()
         self._calendars: dict[str, Calendar] = {}
         self._last_stamp = 0
-        # Sync tokens older than this revision answer 410, as Google's do once they expire.
+        # Sync tokens older than this revision fail with 410, as Google's do once they expire.
         self._sync_floor = 0
         self.auto_user_calendars = True
 
     # ----- calendars -----
 
-    def add_calendar(self, calendar_id: str, owner: str | None, shared_with: Any) -> None:
+    def add_calendar(self, calendar_id: str, owner: str | None, shared_with: Iterable[str]) -> None:
         """Create or replace a calendar's access rules, keeping the events it already has."""
         with self._lock:
             calendar = self._calendars.setdefault(calendar_id, Calendar(calendar_id))
@@ -105,7 +108,7 @@ class CalendarStore:
             self._sync_floor = self._next_stamp()
 
     def invalidate_sync_tokens(self) -> None:
-        """Make every sync token issued so far answer 410 `fullSyncRequired`."""
+        """Make every sync token issued so far fail with 410 `fullSyncRequired`."""
         with self._lock:
             self._sync_floor = self._next_stamp()
 
@@ -128,7 +131,7 @@ class CalendarStore:
             calendar = Calendar(calendar_id, owner=user)
             self._calendars[calendar_id] = calendar
 
-        # Google answers 404 both for missing calendars and for calendars not shared with the caller.
+        # Google returns 404 both for missing calendars and for calendars not shared with the caller.
         if calendar is None or not calendar.allows(user):
             raise ApiError(404, "notFound", "Not Found")
         return calendar
@@ -179,11 +182,12 @@ class CalendarStore:
             resource = {key: value for key, value in stored.resource.items() if key in KEPT_ON_UPDATE}
             resource.update(client_fields(body))
             resource.setdefault("status", "confirmed")
+            resource.setdefault("reminders", {"useDefault": True})
             self._commit_change(stored, resource)
             return copy.deepcopy(stored.resource)
 
     def delete(self, user: str, calendar_id: str, event_id: str, if_match: str | None) -> None:
-        """events.delete: mark the event cancelled. A second delete answers 410."""
+        """events.delete: mark the event cancelled. A second delete fails with 410."""
         with self._lock:
             calendar = self._accessible_calendar(user, calendar_id)
             stored = self._existing(calendar, event_id)
@@ -219,7 +223,7 @@ class CalendarStore:
 
             # NOTE: the source keeps a cancelled copy, so a sync of the source calendar learns of the
             # move and the id stays taken there. Whether Google's events.get on the source then
-            # answers 200 or 404 is not verified.
+            # returns 200 or 404 is not verified.
             self._cancel(stored)
             return copy.deepcopy(moved)
 
@@ -305,7 +309,7 @@ class CalendarStore:
         return selected
 
     def _sync_revision(self, query: QueryParameters) -> int | None:
-        """Return the revision a syncToken stands for, or raise when it is invalid or combined with filters."""
+        """Return the revision a syncToken encodes, or raise when it is invalid or combined with filters."""
         token = single(query, "syncToken")
         if token is None:
             return None
@@ -437,7 +441,7 @@ class CalendarStore:
         """Find a live event for patch or update and check the If-Match precondition."""
         stored = self._existing(calendar, event_id)
 
-        # NOTE: a cancelled event answers 403 before If-Match is compared. Google's order of the
+        # NOTE: a cancelled event fails with 403 before If-Match is compared. Google's order of the
         # two checks is not verified.
         if stored.cancelled:
             raise ApiError(403, "forbidden", "Forbidden")
@@ -446,7 +450,7 @@ class CalendarStore:
         return stored
 
     def _commit_change(self, stored: StoredEvent, resource: dict[str, Any]) -> None:
-        """Validate a changed resource and store it with a new etag; nothing changes when it is invalid."""
+        """Validate a changed resource and store it with a new etag. An invalid one raises ApiError and changes nothing."""
         span = event_span(resource)
         resource["status"] = validate_status(resource.get("status", "confirmed"))
 
@@ -522,7 +526,7 @@ def parse_boolean(value: str | None, name: str) -> bool:
 
 
 def parse_page_size(value: str | None) -> int:
-    """Parse maxResults. Google caps pages at 2500 events whatever the request asks for."""
+    """Parse maxResults. Google caps pages at 2500 events, whatever maxResults requests."""
     if value is None:
         return DEFAULT_PAGE_SIZE
     try:

@@ -27,7 +27,8 @@ from tests.emulator.keys import (
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 REFRESH_TOKEN_GRANT = "refresh_token"
 
-# google-auth 2.63 always signs this audience, whatever token_uri the key file names.
+# google-auth 2.63 signs the first URL as audience, whatever token_uri the key file names.
+# The other two are older Google token URLs.
 GOOGLE_TOKEN_AUDIENCES = frozenset(
     {
         "https://oauth2.googleapis.com/token",
@@ -50,7 +51,7 @@ UNAUTHORIZED_CLIENT_DESCRIPTION = (
 
 @dataclass(frozen=True)
 class AccessGrant:
-    """What an issued access token stands for."""
+    """The user, client and scopes of an issued access token."""
 
     user: str
     client_id: str
@@ -143,7 +144,7 @@ class TokenIssuer:
         return grant
 
     def revoke_access_tokens(self) -> None:
-        """Forget every issued access token, so the next API call answers 401 and clients refresh."""
+        """Forget every issued access token, so the next API call fails with 401 and clients refresh."""
         with self._lock:
             self._grants.clear()
 
