@@ -35,3 +35,38 @@ def ics_connector(tmp_path: Path) -> Iterator[RunningConnector]:
     """A running connector on its embedded defaults: SQLite and the iCalendar feed."""
     with running_connector(test_settings(tmp_path)) as running:
         yield running
+
+
+class Mirror:
+    """A running connector plus a read-only view of the calendars it writes, for either backend."""
+
+    def __init__(self, running: RunningConnector, emulator=None) -> None:
+        self.running = running
+        self.emulator = emulator
+
+    def __getattr__(self, name: str):
+        return getattr(self.running, name)
+
+    def events(self, calendar_id: str, include_deleted: bool = False) -> list[dict]:
+        """Return the calendar's events as stored: live ones, or all with `include_deleted`."""
+        if self.emulator is not None:
+            return self.emulator.events(calendar_id, include_deleted=include_deleted)
+
+        from connector.calendars.base import Target
+
+        backend = self.running.connector.backend
+        remote = backend.list_booking_events(Target(calendar_id), show_deleted=include_deleted)
+        return [dict(event.body, id=event.event_id, status=event.status) for event in remote]
+
+
+@pytest.fixture(params=["google", "ics"])
+def mirror(request, tmp_path: Path) -> Iterator[Mirror]:
+    """A running connector on each calendar backend in turn."""
+    if request.param == "google":
+        emulator = request.getfixturevalue("emulator")
+        settings = request.getfixturevalue("google_settings")
+        with running_connector(settings) as running:
+            yield Mirror(running, emulator)
+    else:
+        with running_connector(test_settings(tmp_path)) as running:
+            yield Mirror(running)

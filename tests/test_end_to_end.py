@@ -1,4 +1,9 @@
-"""Signed deliveries in, Google Calendar events out: the connector against the emulator."""
+"""Signed deliveries in, calendar events out.
+
+Tests taking the `mirror` fixture run twice: against the Google Calendar emulator through the real
+Google client, and against the embedded iCalendar backend. Tests about Google's wire calls take
+`google_connector` and `emulator` directly.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,13 @@ def writes(emulator) -> list:
     return [request for request in emulator.requests if request.method != "GET"]
 
 
-def test_sample_booking_becomes_event(google_connector, emulator):
-    response = google_connector.deliver("booking.created", booking())
-    google_connector.wait_idle()
+def test_sample_booking_becomes_event(mirror):
+    response = mirror.deliver("booking.created", booking())
+    mirror.wait_idle()
 
     assert response.status_code == 200
     assert response.json()["status"] == "accepted"
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     event = events[0]
     assert event["id"] == event_id_for("bkg_xyz789", 0)
@@ -51,51 +56,51 @@ def test_writes_send_no_updates_and_charge_host(google_connector, emulator):
     assert inserts[0].user == JANE
 
 
-def test_pending_booking_is_tentative(google_connector, emulator):
-    google_connector.deliver("booking.created", booking(status="PendingApproval"))
-    google_connector.wait_idle()
+def test_pending_booking_is_tentative(mirror):
+    mirror.deliver("booking.created", booking(status="PendingApproval"))
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["status"] == "tentative"
 
 
-def test_approval_confirms_tentative_event(google_connector, emulator):
-    google_connector.deliver("booking.created", booking(status="PendingApproval"), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.approved", booking(status="Confirmed"), "2026-03-16T14:06:00Z")
-    google_connector.wait_idle()
+def test_approval_confirms_tentative_event(mirror):
+    mirror.deliver("booking.created", booking(status="PendingApproval"), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.approved", booking(status="Confirmed"), "2026-03-16T14:06:00Z")
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["status"] == "confirmed"
     assert not events[0]["summary"].startswith("Pending")
 
 
 @pytest.mark.parametrize("event", ["booking.declined", "booking.cancelled"])
-def test_removing_event_deletes_calendar_event(google_connector, emulator, event):
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver(event, booking(status="Cancelled"), "2026-03-16T14:07:00Z")
-    google_connector.wait_idle()
+def test_removing_event_deletes_calendar_event(mirror, event):
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+    mirror.deliver(event, booking(status="Cancelled"), "2026-03-16T14:07:00Z")
+    mirror.wait_idle()
 
-    assert live_events(emulator) == []
-    deleted = emulator.events(JANE, include_deleted=True)
+    assert mirror.events(JANE) == []
+    deleted = mirror.events(JANE, include_deleted=True)
     assert len(deleted) == 1
     assert deleted[0]["status"] == "cancelled"
-    assert google_connector.mapping("bkg_xyz789")["state"] == "deleted"
+    assert mirror.mapping("bkg_xyz789")["state"] == "deleted"
 
 
 @pytest.mark.parametrize(
     ("event", "prefix"), [("booking.noShow", "No-show: "), ("booking.completed", "Completed: ")]
 )
-def test_marker_events_keep_event_and_say_so(google_connector, emulator, event, prefix):
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver(event, booking(), "2026-03-16T15:00:00Z")
-    google_connector.wait_idle()
+def test_marker_events_keep_event_and_say_so(mirror, event, prefix):
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+    mirror.deliver(event, booking(), "2026-03-16T15:00:00Z")
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["summary"] == prefix + "30 Minute Call with Alex Johnson"
 
@@ -225,92 +230,92 @@ def test_headers_are_case_insensitive(google_connector, emulator):
     assert len(live_events(emulator)) == 1
 
 
-def test_late_older_snapshot_changes_nothing(google_connector, emulator):
+def test_late_older_snapshot_changes_nothing(mirror):
     moved = booking(startTime="2026-03-18T10:00:00Z", endTime="2026-03-18T10:30:00Z")
-    google_connector.deliver("booking.rescheduled", moved, "2026-03-16T16:00:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
+    mirror.deliver("booking.rescheduled", moved, "2026-03-16T16:00:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["start"]["dateTime"] == "2026-03-18T10:00:00Z"
 
 
-def test_cancel_overtaking_create_leaves_no_event(google_connector, emulator):
-    google_connector.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:10:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
+def test_cancel_overtaking_create_leaves_no_event(mirror):
+    mirror.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:10:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
 
-    assert emulator.events(JANE, include_deleted=True) == []
-    assert [row["state"] for row in google_connector.deliveries()] == ["applied", "stale"]
-
-
-def test_cancel_wins_tie_with_create(google_connector, emulator):
-    google_connector.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-
-    assert live_events(emulator) == []
+    assert mirror.events(JANE, include_deleted=True) == []
+    assert [row["state"] for row in mirror.deliveries()] == ["applied", "stale"]
 
 
-def test_new_id_reschedule_takes_over_event(google_connector, emulator):
-    google_connector.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
-    original_id = live_events(emulator)[0]["id"]
+def test_cancel_wins_tie_with_create(mirror):
+    mirror.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+
+    assert mirror.events(JANE) == []
+
+
+def test_new_id_reschedule_takes_over_event(mirror):
+    mirror.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
+    original_id = mirror.events(JANE)[0]["id"]
 
     successor = booking(id="bkg_new", rescheduledFrom="bkg_old",
                         startTime="2026-03-20T08:00:00Z", endTime="2026-03-20T08:30:00Z")
-    google_connector.deliver("booking.rescheduled", successor, "2026-03-16T15:00:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.cancelled", booking(id="bkg_old", status="Cancelled"), "2026-03-16T15:00:01Z")
-    google_connector.wait_idle()
+    mirror.deliver("booking.rescheduled", successor, "2026-03-16T15:00:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.cancelled", booking(id="bkg_old", status="Cancelled"), "2026-03-16T15:00:01Z")
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["id"] == original_id
     assert events[0]["start"]["dateTime"] == "2026-03-20T08:00:00Z"
     assert events[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_new"
-    assert google_connector.mapping("bkg_new")["event_id"] == original_id
-    assert google_connector.mapping("bkg_old")["state"] == "carried_over"
+    assert mirror.mapping("bkg_new")["event_id"] == original_id
+    assert mirror.mapping("bkg_old")["state"] == "carried_over"
 
 
-def test_reschedule_before_original_creates_one_event(google_connector, emulator):
+def test_reschedule_before_original_creates_one_event(mirror):
     successor = booking(id="bkg_new", rescheduledFrom="bkg_old",
                         startTime="2026-03-20T08:00:00Z", endTime="2026-03-20T08:30:00Z")
-    google_connector.deliver("booking.created", successor, "2026-03-16T15:00:00Z")
-    google_connector.wait_idle()
-    google_connector.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
+    mirror.deliver("booking.created", successor, "2026-03-16T15:00:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
 
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert len(events) == 1
     assert events[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_new"
 
 
-def test_host_change_moves_event(google_connector, emulator):
-    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
-    google_connector.wait_idle()
+def test_host_change_moves_event(mirror):
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    mirror.wait_idle()
     reassigned = booking(hostEmail=OMAR, hostUserId="usr_omar", hostName="Omar Haddad")
-    google_connector.deliver("booking.rescheduled", reassigned, "2026-03-16T15:00:00Z")
-    google_connector.wait_idle()
+    mirror.deliver("booking.rescheduled", reassigned, "2026-03-16T15:00:00Z")
+    mirror.wait_idle()
 
-    assert live_events(emulator, JANE) == []
-    moved = live_events(emulator, OMAR)
+    assert mirror.events(JANE) == []
+    moved = mirror.events(OMAR)
     assert len(moved) == 1
     assert moved[0]["extendedProperties"]["private"]["proximityBookingId"] == "bkg_xyz789"
-    assert google_connector.mapping("bkg_xyz789")["calendar_id"] == OMAR
+    assert mirror.mapping("bkg_xyz789")["calendar_id"] == OMAR
 
 
-def test_non_ascii_and_emoji_survive(google_connector, emulator):
+def test_non_ascii_and_emoji_survive(mirror):
     payload = booking(eventTypeName="Café ☕ consult", invitee={"name": "Zoë Ångström 🎉", "email": "zoe@example.com"})
-    response = google_connector.deliver("booking.created", payload)
-    google_connector.wait_idle()
+    response = mirror.deliver("booking.created", payload)
+    mirror.wait_idle()
 
     assert response.status_code == 200
-    events = live_events(emulator)
+    events = mirror.events(JANE)
     assert events[0]["summary"] == "Café ☕ consult with Zoë Ångström 🎉"
 
 
@@ -338,3 +343,26 @@ def test_host_deleted_event_is_recreated(google_connector, emulator):
     assert len(events) == 1
     assert events[0]["id"] == event_id_for("bkg_xyz789", 1)
     assert events[0]["start"]["dateTime"] == "2026-03-16T15:00:00Z"
+
+
+def test_database_failure_answers_503(ics_connector):
+    from sqlalchemy import text
+
+    accepted = ics_connector.deliver("booking.created", booking(id="bkg_before"))
+    ics_connector.wait_idle()
+    with ics_connector.connector.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE deliveries RENAME TO deliveries_away"))
+
+    refused = ics_connector.deliver("booking.created", booking(id="bkg_during"), delivery_id="dlv_during")
+
+    with ics_connector.connector.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE deliveries_away RENAME TO deliveries"))
+    retried = ics_connector.deliver("booking.created", booking(id="bkg_during"), delivery_id="dlv_during")
+    ics_connector.wait_idle()
+
+    assert accepted.status_code == 200
+    assert refused.status_code == 503
+    assert retried.status_code == 200
+    assert retried.json()["status"] == "accepted"
+    states = {row["booking_id"]: row["state"] for row in ics_connector.deliveries()}
+    assert states == {"bkg_before": "applied", "bkg_during": "applied"}
