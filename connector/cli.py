@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 from datetime import datetime
 from typing import Any
 
 import click
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlmodel import Session
 
+from connector.db_cli import db
 from connector.envelope import parse_timestamp
 from connector.logs import configure_logging
 from connector.mappings import MappingsError
+from connector.notify import notify_new_deliveries
+from connector.operator.check import check
+from connector.operator.reconcile import reconcile
+from connector.operator.send_test import send_test
+from connector.queue import replay_delivery
+from connector.retention import RetentionPolicy
+from connector.retention import describe as describe_prune
+from connector.retention import prune as run_prune
 from connector.settings import Settings, SettingsError, load_settings
-from connector.storage import BookingMapping, Delivery, DeliveryState, create_tables, make_engine, utcnow
+from connector.schema import SchemaError, prepare_schema
+from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine
 
 
 def _settings() -> Settings:
@@ -25,7 +37,7 @@ def _settings() -> Settings:
         settings = load_settings()
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -39,11 +51,16 @@ def _connector(settings: Settings, with_worker: bool):
         raise click.ClickException(f"invalid mappings file: {error}") from None
     except CredentialsFileError as error:
         raise click.ClickException(f"GOOGLE_CREDENTIALS_FILE: {error}") from None
+    except SchemaError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _engine(settings: Settings):
     engine = make_engine(settings.database_url, pool_size=2)
-    create_tables(engine)
+    try:
+        prepare_schema(engine)
+    except SchemaError as error:
+        raise click.ClickException(str(error)) from None
     return engine
 
 
@@ -56,14 +73,15 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
-def serve(host: str, port: int) -> None:
-    """Run the webhook receiver and the sync worker in one process."""
+@click.option("--no-worker", is_flag=True, help="Only receive deliveries; separate `worker` processes sync them.")
+def serve(host: str, port: int, no_worker: bool) -> None:
+    """Run the webhook receiver, and the sync worker in the same process unless --no-worker is given."""
     import uvicorn
 
     from connector.app import build_web_app
 
     settings = _settings()
-    connector = _connector(settings, with_worker=True)
+    connector = _connector(settings, with_worker=not no_worker)
     _announce(settings, connector, f"http://{host}:{port}")
     app = build_web_app(connector)
 
@@ -114,22 +132,35 @@ def worker() -> None:
 @click.option("--state", type=click.Choice(DeliveryState.ALL), help="Only deliveries in this state.")
 @click.option("--booking", "booking_id", help="Only deliveries of this booking id.")
 @click.option("--limit", default=100, show_default=True, help="Show at most this many, newest first.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def deliveries(state: str | None, booking_id: str | None, limit: int, as_json: bool) -> None:
-    """List stored deliveries with their state, attempts and last error."""
+    """List stored deliveries: state, attempts, next attempt, and the last error or outcome."""
     engine = _engine(_settings())
-    query = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+    query = (
+        select(Delivery, BookingMapping.calendar_id, BookingMapping.event_id)
+        .outerjoin(BookingMapping, BookingMapping.booking_id == Delivery.booking_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
     if state:
         query = query.where(Delivery.state == state)
     if booking_id:
         query = query.where(Delivery.booking_id == booking_id)
     with Session(engine) as session:
-        rows = [_delivery_row(delivery) for delivery in session.execute(query).scalars()]
-    _print_rows(rows, as_json, ["delivery", "booking", "event", "state", "attempts", "received", "next_attempt", "detail"])
+        rows = [
+            {**_delivery_row(delivery), "calendar": calendar_id, "calendar_event": event_id}
+            for delivery, calendar_id, event_id in session.execute(query)
+        ]
+
+    if as_json:
+        _echo_json(rows)
+    elif not rows:
+        click.echo("No deliveries match.")
+    else:
+        _print_rows(rows, ["delivery", "booking", "event", "state", "attempts", "received", "next_attempt"])
 
 
 def _delivery_row(delivery: Delivery) -> dict[str, Any]:
-    detail = delivery.last_error if delivery.state in (DeliveryState.FAILED, DeliveryState.PENDING) else delivery.outcome
     return {
         "delivery": delivery.delivery_id,
         "booking": delivery.booking_id,
@@ -139,7 +170,10 @@ def _delivery_row(delivery: Delivery) -> dict[str, Any]:
         "attempts": delivery.attempts,
         "received": _iso(delivery.received_at),
         "next_attempt": _iso(delivery.next_attempt_at) if delivery.state == DeliveryState.PENDING else None,
-        "detail": detail,
+        "finished": _iso(delivery.finished_at),
+        "last_error": delivery.last_error,
+        "outcome": delivery.outcome,
+        "payload_pruned": delivery.body is None,
     }
 
 
@@ -147,18 +181,31 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
-def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
-        return
-    if not rows:
-        click.echo("No deliveries match.")
-        return
-    widths = {column: max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns[:-1]}
-    click.echo("  ".join(column.upper().ljust(widths[column]) for column in columns[:-1]) + "  " + columns[-1].upper())
+def _echo_json(document: object) -> None:
+    click.echo(json.dumps(document, ensure_ascii=False, indent=2))
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Print one line of columns per delivery, and under it its last error or outcome, wrapped to the terminal."""
+    width = max(shutil.get_terminal_size((120, 24)).columns, 60)
+    widths = {column: max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns}
+    click.echo("  ".join(column.upper().replace("_", " ").ljust(widths[column]) for column in columns).rstrip())
     for row in rows:
-        cells = [_cell(row.get(column)).ljust(widths[column]) for column in columns[:-1]]
-        click.echo("  ".join(cells) + "  " + _cell(row.get(columns[-1])))
+        click.echo("  ".join(_cell(row.get(column)).ljust(widths[column]) for column in columns).rstrip())
+        label, detail = _detail(row)
+        if detail:
+            lines = textwrap.wrap(
+                detail, width=width, initial_indent=f"    {label}: ", subsequent_indent=" " * (len(label) + 6),
+                break_on_hyphens=False,
+            )
+            click.echo("\n".join(lines))
+
+
+def _detail(row: dict[str, Any]) -> tuple[str, str | None]:
+    """Return the line worth showing under a delivery: its error while unresolved, else its outcome."""
+    if row["state"] in (DeliveryState.FAILED, DeliveryState.PENDING) and row.get("last_error"):
+        return "error", row["last_error"]
+    return "outcome", row.get("outcome")
 
 
 def _cell(value: object) -> str:
@@ -167,48 +214,81 @@ def _cell(value: object) -> str:
 
 @main.command()
 @click.argument("delivery_ids", nargs=-1)
-@click.option("--failed", is_flag=True, help="Replay every failed delivery (narrowed by --booking, --since).")
+@click.option("--failed", is_flag=True, help="Replay every failed delivery (narrowed by --booking and --since).")
 @click.option("--booking", "booking_id", help="With --failed: only this booking's deliveries.")
-@click.option("--since", help="With --failed: only deliveries received at or after this ISO 8601 time.")
+@click.option("--since", help="With --failed: only deliveries that failed at or after this ISO 8601 time.")
 def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, since: str | None) -> None:
-    """Queue deliveries again; an already-applied snapshot changes nothing."""
+    """Queue deliveries again, by id or every failed one.
+
+    A delivery whose snapshot is already applied, or older than the applied one, is left as it
+    is, because applying it would change nothing. A pending delivery becomes due at once.
+    """
     if not delivery_ids and not failed:
         raise click.UsageError("name delivery ids, or use --failed")
     if (booking_id or since) and not failed:
         raise click.UsageError("--booking and --since only narrow --failed")
+    failed_since = None
+    if since is not None:
+        failed_since = parse_timestamp(since)
+        if failed_since is None:
+            raise click.BadParameter(f"{since!r} is not an ISO 8601 time, such as 2026-03-16T14:00:00Z", param_hint="--since")
 
     engine = _engine(_settings())
     conditions = []
     if delivery_ids:
         conditions.append(Delivery.delivery_id.in_(delivery_ids))
     if failed:
-        failed_condition = [Delivery.state == DeliveryState.FAILED]
+        chosen = [Delivery.state == DeliveryState.FAILED]
         if booking_id:
-            failed_condition.append(Delivery.booking_id == booking_id)
-        if since:
-            moment = parse_timestamp(since)
-            if moment is None:
-                raise click.BadParameter(f"{since!r} is not an ISO 8601 time", param_hint="--since")
-            failed_condition.append(Delivery.received_at >= moment)
-        from sqlalchemy import and_
+            chosen.append(Delivery.booking_id == booking_id)
+        if failed_since is not None:
+            chosen.append(Delivery.finished_at >= failed_since)
+        conditions.append(and_(*chosen))
 
-        conditions.append(and_(*failed_condition))
+    with Session(engine) as session:
+        found = session.execute(select(Delivery).where(or_(*conditions)).order_by(Delivery.id)).scalars().all()
+        results = [replay_delivery(session, delivery) for delivery in found]
+        if any(result.queued for result in results):
+            notify_new_deliveries(session.connection())
+        session.commit()
 
-    with engine.begin() as connection:
-        found = connection.execute(select(Delivery.delivery_id, Delivery.booking_id).where(or_(*conditions))).all()
-        connection.execute(
-            update(Delivery)
-            .where(or_(*conditions), Delivery.booking_id.is_not(None))
-            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(), last_error=None, finished_at=None)
-        )
-
-    missing = set(delivery_ids) - {delivery_id for delivery_id, _ in found}
-    for delivery_id in sorted(missing):
+    missing = sorted(set(delivery_ids) - {result.delivery_id for result in results})
+    for delivery_id in missing:
         click.echo(f"No delivery with id {delivery_id}.", err=True)
-    queued = [delivery_id for delivery_id, booking in found if booking]
-    click.echo(f"Queued {len(queued)} deliveries again.")
+    width = max((len(result.delivery_id) for result in results), default=0)
+    for result in results:
+        click.echo(f"{result.delivery_id.ljust(width)}  {result.message}")
+
+    queued = sum(result.queued for result in results)
+    if failed and not results and not delivery_ids:
+        click.echo("No failed deliveries match.")
+    else:
+        click.echo(f"Queued {queued} of {len(results) + len(missing)} deliveries.")
     if missing:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a sentence.")
+def prune(as_json: bool) -> None:
+    """Clear old payloads and delete old delivery records, as the worker does every PRUNE_INTERVAL_SECONDS.
+
+    Pending and failed deliveries are kept, and so is the newest payload of each booking whose
+    event is live, until the booking is over.
+    """
+    settings = _settings()
+    engine = _engine(settings)
+    report = run_prune(engine, RetentionPolicy(settings.payload_retention_days, settings.delivery_retention_days))
+    if as_json:
+        _echo_json({
+            "payloads_cleared": report.payloads_cleared,
+            "deliveries_deleted": report.deliveries_deleted,
+            "snapshots_kept": report.snapshots_kept,
+            "payload_cutoff": _iso(report.payload_cutoff),
+            "delivery_cutoff": _iso(report.delivery_cutoff),
+        })
+        return
+    click.echo(f"Pruned: {describe_prune(report)}.")
 
 
 @main.command()
@@ -240,7 +320,7 @@ def booking(booking_id: str, as_json: bool) -> None:
             "updated": _iso(mapping.updated_at),
         }
     if as_json:
-        click.echo(json.dumps({"booking": booking_id, "event": event, "deliveries": rows}, indent=2, ensure_ascii=False))
+        _echo_json({"booking": booking_id, "event": event, "deliveries": rows})
         return
 
     click.echo(f"Booking {booking_id}")
@@ -251,8 +331,14 @@ def booking(booking_id: str, as_json: bool) -> None:
             if value is not None:
                 click.echo(f"  {key}: {value}")
     click.echo("Deliveries:")
-    _print_rows(rows, False, ["delivery", "event", "version", "state", "attempts", "detail"])
+    if rows:
+        _print_rows(rows, ["delivery", "event", "version", "state", "attempts"])
 
+
+main.add_command(db)
+main.add_command(check)
+main.add_command(send_test)
+main.add_command(reconcile)
 
 if __name__ == "__main__":
     main()

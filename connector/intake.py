@@ -4,6 +4,10 @@ Concurrent requests hand their delivery to one writer thread, which inserts ever
 one transaction and commits once, so many acknowledgements share one disk sync (group commit).
 The insert skips a delivery whose id or body digest is already stored, through the table's unique
 constraints, so two receivers can never both accept the same delivery.
+
+On SQLite the writer skips the ORM: it inserts a whole batch with one multi-row statement on the
+engine's own sqlite3 connection (see `SqliteInserter`). PostgreSQL and other databases go through
+SQLAlchemy Core.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import insert
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
+from connector.notify import notify_new_deliveries
 from connector.storage import Delivery, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
@@ -46,32 +53,42 @@ class IntakeClosedError(RuntimeError):
     """The intake was stopped and accepts no more deliveries."""
 
 
+class IntakeError(RuntimeError):
+    """The database stored a batch but the intake could not tell which of its deliveries were new."""
+
+
+# A waiting caller: an asyncio future of a request handler, or a thread's concurrent future.
+Waiter = asyncio.Future | Future
+Batch = list[tuple[DeliveryRecord, Waiter]]
+
+
 class DeliveryIntake:
     """Stores deliveries durably, batching concurrent commits."""
 
     def __init__(self, engine: Engine, on_commit: Callable[[list[str]], None] | None = None) -> None:
         self._engine = engine
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[tuple[DeliveryRecord, Future[bool]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[DeliveryRecord, Waiter] | None] = queue.SimpleQueue()
         self._closed = False
+        self._sqlite = SqliteInserter(engine) if engine.dialect.name == "sqlite" else None
         self._thread = threading.Thread(target=self._run, name="delivery-intake", daemon=True)
         self._thread.start()
 
-        dialect = engine.dialect.name
-        if dialect == "postgresql":
-            self._statement = postgresql.insert(Delivery).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            self._statement = sqlite.insert(Delivery).on_conflict_do_nothing()
+        # RETURNING tells whether the row was inserted or skipped. The rowcount cannot: on
+        # PostgreSQL it is -1, because SQLAlchemy fetches the primary key through RETURNING itself.
+        # SQLite takes the `SqliteInserter` path instead.
+        if engine.dialect.name == "postgresql":
+            self._statement = postgresql.insert(Delivery).on_conflict_do_nothing().returning(Delivery.id)
         else:
-            self._statement = insert(Delivery)
+            self._statement = insert(Delivery).returning(Delivery.id)
 
     async def store(self, record: DeliveryRecord) -> bool:
         """Store a delivery and wait for its commit; return False if it was already stored."""
-        future: Future[bool] = Future()
         if self._closed:
             raise IntakeClosedError("the delivery intake is stopped")
-        self._queue.put((record, future))
-        return await asyncio.wrap_future(future)
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put((record, waiter))
+        return await waiter
 
     def store_blocking(self, record: DeliveryRecord) -> bool:
         """Store a delivery from a thread; return False if it was already stored."""
@@ -84,6 +101,8 @@ class DeliveryIntake:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if self._sqlite is not None and not self._thread.is_alive():
+            self._sqlite.close()
 
     def _run(self) -> None:
         while True:
@@ -102,28 +121,180 @@ class DeliveryIntake:
                     break
                 batch.append(item)
 
-            self._write(batch)
+            if self._sqlite is not None:
+                self._write_sqlite(batch)
+            else:
+                self._write(batch)
             if stopping:
                 return
 
-    def _write(self, batch: list[tuple[DeliveryRecord, Future[bool]]]) -> None:
+    def _write_sqlite(self, batch: Batch) -> None:
+        records = [record for record, _ in batch]
+        try:
+            results = self._sqlite.insert(records, utcnow())
+        except Exception as error:  # the database failed: every waiting request answers 503
+            log.error("storing %d deliveries failed: %s", len(batch), error)
+            _settle(batch, error)
+            return
+
+        _settle(batch, results)
+        self._report_commit(records, results)
+
+    def _write(self, batch: Batch) -> None:
+        # Receivers sharing a PostgreSQL database insert in delivery id order, so two batches that
+        # hold the same ids wait for each other instead of deadlocking on the unique index.
+        # NOTE: equal bodies under different delivery ids can still deadlock; that batch answers 503.
+        batch = sorted(batch, key=lambda item: item[0].delivery_id)
         now = utcnow()
         try:
             with self._engine.begin() as connection:
-                results = [connection.execute(self._statement, _row(record, now)).rowcount == 1 for record, _ in batch]
+                results = [connection.execute(self._statement, _row(record, now)).first() is not None for record, _ in batch]
+                if any(results):
+                    notify_new_deliveries(connection)
         except Exception as error:  # the database failed: every waiting request answers 503
             log.error("storing %d deliveries failed: %s", len(batch), error)
-            for _, future in batch:
-                future.set_exception(error)
+            _settle(batch, error)
             return
 
-        for (_, future), stored in zip(batch, results):
-            future.set_result(stored)
+        _settle(batch, results)
+        self._report_commit([record for record, _ in batch], results)
 
-        pending = [record.booking_id for (record, _), stored in zip(batch, results)
+    def _report_commit(self, records: Sequence[DeliveryRecord], results: Sequence[bool]) -> None:
+        pending = [record.booking_id for record, stored in zip(records, results)
                    if stored and record.state == DeliveryState.PENDING and record.booking_id]
         if pending and self._on_commit is not None:
             self._on_commit(pending)
+
+
+class SqliteInserter:
+    """Inserts batches of deliveries into SQLite with one multi-row statement each.
+
+    It uses a connection of the engine's pool, so the PRAGMAs of connector/storage.py apply (WAL,
+    synchronous=FULL, busy timeout), in the engine's autocommit mode: each statement is its own
+    transaction, and its commit has synced the WAL to disk when the statement returns. A statement
+    is one call into SQLite, which the writer thread makes without holding the GIL, where the ORM
+    path makes several calls per row and holds the GIL between them. Must be used from one thread.
+    """
+
+    COLUMNS = (
+        "delivery_id", "body_digest", "event", "version", "rank", "booking_id", "body",
+        "received_at", "state", "attempts", "next_attempt_at", "finished_at",
+    )
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pooled: Any = None
+        self._statements: dict[int, str] = {}
+        received_at = Delivery.__table__.c.received_at.type
+        # The column type's own conversion, so times are stored exactly as SQLAlchemy writes them.
+        self._store_time = received_at.dialect_impl(engine.dialect).bind_processor(engine.dialect) or (lambda value: value)
+
+    def insert(self, records: Sequence[DeliveryRecord], now: datetime) -> list[bool]:
+        """Insert the records; return for each whether it was stored (False: a duplicate)."""
+        connection = self._connection()
+        stored_now = self._store_time(now)
+        rows = [
+            (record.delivery_id, record.body_digest, record.event, record.version, record.rank, record.booking_id,
+             record.body, stored_now, record.state, 0, stored_now,
+             None if record.state == DeliveryState.PENDING else stored_now)
+            for record in records
+        ]
+
+        per_statement = max(1, connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(self.COLUMNS))
+        results: list[bool] = []
+        try:
+            for start in range(0, len(rows), per_statement):
+                chunk = slice(start, start + per_statement)
+                results += self._insert_rows(connection, rows[chunk], records[chunk])
+            if connection.in_transaction:  # a connection outside autocommit mode opened a transaction
+                connection.commit()
+        except sqlite3.Error:
+            self.close(invalidate=True)
+            raise
+        return results
+
+    def close(self, invalidate: bool = False) -> None:
+        """Give the connection back to the pool, or discard it after an error."""
+        if self._pooled is None:
+            return
+        if invalidate:
+            self._pooled.invalidate()
+        else:
+            self._pooled.close()
+        self._pooled = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._pooled is None:
+            self._pooled = self._engine.raw_connection()
+        return self._pooled.driver_connection
+
+    def _insert_rows(self, connection: sqlite3.Connection, rows: list[tuple], records: Sequence[DeliveryRecord]) -> list[bool]:
+        cursor = connection.execute(self._statement(len(rows)), [value for row in rows for value in row])
+        inserted = cursor.rowcount
+        if inserted == len(rows):
+            return [True] * len(rows)
+        if inserted == 0:
+            return [False] * len(rows)
+
+        # Some rows were duplicates. SQLite gives each new row the largest rowid plus one, and no
+        # other connection writes during the statement, so the new rows are the last `inserted`
+        # rowids up to last_insert_rowid().
+        last = cursor.lastrowid
+        stored_ids = {
+            delivery_id for (delivery_id,) in connection.execute(
+                "SELECT delivery_id FROM deliveries WHERE id > ? AND id <= ?", (last - inserted, last)
+            )
+        }
+        if len(stored_ids) != inserted:
+            raise IntakeError(f"stored {inserted} of {len(rows)} deliveries but found {len(stored_ids)} new rows")
+
+        results = []
+        for record in records:
+            # Two records with the same id in one batch: only the first was inserted.
+            results.append(record.delivery_id in stored_ids)
+            stored_ids.discard(record.delivery_id)
+        return results
+
+    def _statement(self, rows: int) -> str:
+        statement = self._statements.get(rows)
+        if statement is None:
+            placeholders = "(" + ", ".join("?" * len(self.COLUMNS)) + ")"
+            statement = (
+                f"INSERT INTO deliveries ({', '.join(self.COLUMNS)}) VALUES "
+                + ", ".join([placeholders] * rows)
+                + " ON CONFLICT DO NOTHING"
+            )
+            self._statements[rows] = statement
+        return statement
+
+
+def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:
+    """Hand each waiting caller its result or the error: threads at once, each event loop in one callback."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool | BaseException]]] = {}
+    for index, (_, waiter) in enumerate(batch):
+        result = outcome if isinstance(outcome, BaseException) else outcome[index]
+        if isinstance(waiter, asyncio.Future):
+            per_loop.setdefault(waiter.get_loop(), []).append((waiter, result))
+        elif isinstance(result, BaseException):
+            waiter.set_exception(result)
+        else:
+            waiter.set_result(result)
+
+    for loop, results in per_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_in_loop, results)
+        except RuntimeError:  # the loop is closed, so no request waits any more
+            log.warning("%d stored deliveries had no request left to answer: the event loop is closed", len(results))
+
+
+def _settle_in_loop(results: list[tuple[asyncio.Future, bool | BaseException]]) -> None:
+    for waiter, result in results:
+        if waiter.done():  # the request was cancelled, for example because the client went away
+            continue
+        if isinstance(result, BaseException):
+            waiter.set_exception(result)
+        else:
+            waiter.set_result(result)
 
 
 def _row(record: DeliveryRecord, now: datetime) -> dict:

@@ -18,7 +18,7 @@ from sqlmodel import Session
 from sqlmodel import select as sqlmodel_select
 
 from connector.calendars.base import Target
-from connector.decisions import CurrentEvent, MappingState
+from connector.decisions import CurrentEvent, MappingState, is_newer
 from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, utcnow
 
 
@@ -27,7 +27,11 @@ class LeaseLostError(RuntimeError):
 
 
 def find_due_bookings(engine: Engine, limit: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """Return bookings that have a due pending delivery and no live lease, oldest work first."""
+    """Return bookings that have a due pending delivery and no live lease, longest due first.
+
+    Ordering by due time rather than by arrival keeps a booking that fails again and again from
+    getting ahead of deliveries that became due before its retry did.
+    """
     now = utcnow()
     live_lease = select(BookingLease.booking_id).where(BookingLease.expires_at > now)
     query = (
@@ -39,7 +43,7 @@ def find_due_bookings(engine: Engine, limit: int, exclude: set[str] | frozenset[
             Delivery.booking_id.not_in(live_lease),
         )
         .group_by(Delivery.booking_id)
-        .order_by(func.min(Delivery.id))
+        .order_by(func.min(Delivery.next_attempt_at))
         .limit(limit + len(exclude))
     )
     with engine.begin() as connection:
@@ -55,16 +59,22 @@ def next_due_time(engine: Engine) -> datetime | None:
 
 
 def acquire_lease(engine: Engine, booking_id: str, owner: str, seconds: float) -> bool:
-    """Take the booking's lease if it is free, expired, or already ours."""
+    """Take the booking's lease if it is free or expired.
+
+    A live lease is never taken again, not even by its own owner: the threads of one worker
+    share the owner id, so a re-entrant lease would let two of them sync the same booking.
+    On PostgreSQL (READ COMMITTED) two concurrent takeovers of an expired lease serialize on the
+    row lock, and the second re-checks `expires_at` against the first one's new value and fails.
+
+    NOTE: expiry compares times written by different hosts' clocks, so a worker whose clock runs
+    S seconds fast takes over expired-looking leases S seconds early; keep clocks synchronized.
+    """
     now = utcnow()
     expires_at = now + timedelta(seconds=seconds)
     with engine.begin() as connection:
         taken = connection.execute(
             update(BookingLease)
-            .where(
-                BookingLease.booking_id == booking_id,
-                or_(BookingLease.expires_at <= now, BookingLease.owner == owner),
-            )
+            .where(BookingLease.booking_id == booking_id, BookingLease.expires_at <= now)
             .values(owner=owner, expires_at=expires_at)
         ).rowcount
     if taken:
@@ -97,6 +107,18 @@ def renew_lease(connection: Connection, booking_id: str, owner: str, seconds: fl
     ).rowcount
     if not renewed:
         raise LeaseLostError(f"lease on booking {booking_id} was taken over by another worker")
+
+
+def renew_leases(engine: Engine, booking_ids: set[str] | frozenset[str], owner: str, seconds: float) -> int:
+    """Extend the leases this owner holds on the given bookings; return how many it still held."""
+    if not booking_ids:
+        return 0
+    with engine.begin() as connection:
+        return connection.execute(
+            update(BookingLease)
+            .where(BookingLease.booking_id.in_(booking_ids), BookingLease.owner == owner)
+            .values(expires_at=utcnow() + timedelta(seconds=seconds))
+        ).rowcount
 
 
 def load_pending(engine: Engine, booking_id: str) -> list[Delivery]:
@@ -198,14 +220,64 @@ def supersede_failed(session: Session, booking_id: str, version: str, rank: int,
     )
 
 
-def schedule_retry(engine: Engine, deliveries: list[Delivery], error: str, delays: list[float | None]) -> None:
-    """Record a failed attempt: each delivery waits its delay, or fails for good when it is None."""
-    now = utcnow()
-    with engine.begin() as connection:
-        for delivery, delay in zip(deliveries, delays):
-            values: dict = {"attempts": Delivery.attempts + 1, "last_error": error}
-            if delay is None:
-                values.update(state=DeliveryState.FAILED, outcome=error, finished_at=now)
-            else:
-                values.update(next_attempt_at=now + timedelta(seconds=delay))
-            connection.execute(update(Delivery).where(Delivery.id == delivery.id).values(**values))
+def schedule_retry(session: Session, row_id: int, error: str, delay_seconds: float, *, counted: bool) -> None:
+    """Record a failed attempt of a delivery, due again `delay_seconds` from now.
+
+    An attempt that is not `counted` (a rate limit, a paused calendar, a busy booking) leaves the
+    attempt count alone, so it never brings the delivery closer to failing.
+    """
+    values: dict = {"last_error": error, "next_attempt_at": utcnow() + timedelta(seconds=delay_seconds)}
+    if counted:
+        values["attempts"] = Delivery.attempts + 1
+    session.execute(update(Delivery).where(Delivery.id == row_id).values(**values))
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What `replay_delivery` did with one delivery, in words for the operator."""
+
+    delivery_id: str
+    queued: bool
+    message: str
+
+
+def replay_delivery(session: Session, delivery: Delivery) -> ReplayResult:
+    """Queue a delivery again if its snapshot could still change the calendar, within the session.
+
+    Applies the snapshot version rule up front, so replaying a delivery that is applied, or that a
+    newer applied snapshot made stale, changes nothing at all, not even the delivery's state.
+    """
+    def result(queued: bool, message: str) -> ReplayResult:
+        return ReplayResult(delivery.delivery_id, queued, message)
+
+    if delivery.booking_id is None or delivery.state == DeliveryState.IGNORED:
+        return result(False, f"not queued: {delivery.event} is not a booking event, so there is nothing to apply")
+    if delivery.state == DeliveryState.PENDING:
+        delivery.next_attempt_at = utcnow()
+        session.add(delivery)
+        return result(True, f"already pending after {delivery.attempts} attempts; now due at once")
+    if delivery.body is None:
+        return result(False, "not queued: its payload was pruned, so it cannot be applied again")
+
+    mapping = session.get(BookingMapping, delivery.booking_id)
+    current = to_current(mapping)
+    if current.state is MappingState.CARRIED_OVER:
+        return result(False, f"not queued: booking {delivery.booking_id} was rescheduled into {current.carried_to}, "
+                             "so its own snapshots change nothing")
+    if not is_newer(delivery.version, delivery.rank, current):
+        if delivery.state == DeliveryState.APPLIED:
+            return result(False, f"not queued: already applied to booking {delivery.booking_id}, which has this "
+                                 "snapshot or a newer one, so replaying it would change nothing")
+        return result(False, f"not queued: booking {delivery.booking_id} has a newer snapshot applied "
+                             f"(delivery {mapping.last_delivery_id}), so this one would change nothing")
+
+    was = delivery.state if delivery.state != DeliveryState.FAILED else f"failed after {delivery.attempts} attempts"
+    previous = delivery.last_error or delivery.outcome
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.finished_at = None
+    delivery.last_error = None
+    delivery.outcome = f"replayed; was {was}: {previous}" if previous else f"replayed; was {was}"
+    session.add(delivery)
+    return result(True, f"queued again (was {was})")

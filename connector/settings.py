@@ -56,11 +56,23 @@ class Settings(BaseSettings):
     delivery_retry_base_seconds: float = Field(default=30.0, gt=0, description="First delay before a failed delivery is retried.")
     delivery_retry_max_seconds: float = Field(default=900.0, gt=0, description="Longest delay between two attempts of a delivery.")
     delivery_max_attempts: int = Field(default=14, ge=1, description="Attempts before a delivery that keeps failing is marked failed.")
+    payload_retention_days: float = Field(default=7.0, ge=0, description="Days a finished delivery keeps its raw payload (invitee details) before it is cleared.")
+    delivery_retention_days: float = Field(default=30.0, ge=1, description="Days a finished delivery's id and body digest are kept to recognise retries and replays.")
+    prune_interval_seconds: float = Field(default=3600.0, ge=0, description="How often the worker prunes old payloads and deliveries; 0 leaves it to `proximity-sync prune`.")
     call_max_attempts: int = Field(default=5, ge=1, description="Attempts of one calendar call within a delivery attempt.")
     call_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one calendar API request.")
     google_user_requests_per_minute: int = Field(default=600, gt=0, description="Calendar API requests per minute allowed per host.")
     google_project_requests_per_minute: int = Field(default=10000, gt=0, description="Calendar API requests per minute for the whole project.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log line format: text, or json for one JSON object per line with the delivery, booking and calendar as fields.",
+    )
+    ready_stall_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="GET /readyz answers 503 when a delivery has been due this long and none finished meanwhile; 0 turns this check off.",
+    )
 
     @field_validator("google_api_endpoint")
     @classmethod
@@ -68,6 +80,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value if value.endswith("/") else value + "/"
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lowercase_log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level")
     @classmethod

@@ -9,8 +9,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import Column, Index, LargeBinary, Text, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlmodel import Field, SQLModel, create_engine
+
+
+# A connection attempt to an unreachable PostgreSQL server fails after this long, so the
+# receiver answers 503 instead of hanging; a `connect_timeout` in DATABASE_URL overrides it.
+POSTGRESQL_CONNECT_TIMEOUT_SECONDS = 10
 
 
 def utcnow() -> datetime:
@@ -85,7 +90,11 @@ class BookingLease(SQLModel, table=True):
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
-    """Create the engine; SQLite gets WAL, a busy timeout, and write-locking transactions."""
+    """Create the engine; SQLite gets WAL, a busy timeout, and write-locking transactions.
+
+    PostgreSQL connections are checked before each use (`pool_pre_ping`), so a pool that
+    outlived a database restart or a dropped connection reconnects instead of failing.
+    """
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url,
@@ -97,7 +106,24 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         event.listen(engine, "begin", _begin_immediate)
         return engine
 
-    return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    url = parse_database_url(database_url)
+    connect_args = {}
+    if url.get_dialect().name == "postgresql" and "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = POSTGRESQL_CONNECT_TIMEOUT_SECONDS
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, connect_args=connect_args
+    )
+
+
+def parse_database_url(database_url: str) -> URL:
+    """Parse the URL, choosing psycopg 3 for a PostgreSQL URL that names no driver.
+
+    SQLAlchemy's default PostgreSQL driver is psycopg2, which the connector does not install.
+    """
+    url = make_url(database_url)
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
 
 
 def _configure_sqlite(connection, _record) -> None:
@@ -115,8 +141,12 @@ def _begin_immediate(connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def register_tables() -> None:
+    """Import every module that declares tables, so `SQLModel.metadata` contains all of them."""
+    import connector.calendars.ics_store  # noqa: F401  (the ics backend's tables)
+
+
 def create_tables(engine: Engine) -> None:
     """Create any missing table."""
-    import connector.calendars.ics  # noqa: F401  (registers the feed tables)
-
+    register_tables()
     SQLModel.metadata.create_all(engine)

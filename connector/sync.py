@@ -8,14 +8,22 @@ outcome of every delivery in one transaction.
 Crash safety comes from deterministic event ids: a run that dies after the calendar committed
 but before the mapping did is repeated by the next run, whose insert answers "already exists"
 and adopts the event instead of creating a second one.
+
+What a failed run does with the newest delivery (the older ones are recorded as superseded):
+
+- transient calendar error: retried later with `DeliveryBackoff`, and failed after the last attempt;
+- rate limit or quota: retried later without using up an attempt, at the calendar's Retry-After;
+- permanent error (calendar, route, snapshot): failed at once, with the error in words;
+- booking busy, calendar paused by the breaker, worker stopping: retried later, attempts untouched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +37,7 @@ from connector.calendars.base import (
     EventAlreadyExistsError,
     EventBody,
     EventGoneError,
+    RateLimitedError,
     Target,
     TransientCalendarError,
 )
@@ -46,7 +55,8 @@ from connector.decisions import (
     event_id_for,
     plan_change,
 )
-from connector.envelope import parse_envelope
+from connector.envelope import EnvelopeError, parse_envelope
+from connector.logs import bind_delivery, outcome_fields
 from connector.metrics import DELIVERIES_FINISHED
 from connector.event_content import RenderedText, build_event_body
 from connector.queue import (
@@ -64,12 +74,17 @@ from connector.queue import (
 from connector.routing import NoRouteError
 from connector.snapshots import Snapshot, SnapshotError
 from connector.storage import Delivery, DeliveryState, utcnow
+from connector.worker import ShutdownRequested
 
 log = logging.getLogger(__name__)
 
 # Inserting a new generation after finding the id taken by a deleted event is bounded, so a
 # calendar that keeps answering "already exists" fails the delivery instead of looping.
 MAX_GENERATION_BUMPS = 5
+
+# Seconds before a booking whose predecessor was leased by another worker is tried again, unless
+# the delivery backoff's first wait is shorter.
+BUSY_RETRY_SECONDS = 1.0
 
 
 class Router(Protocol):
@@ -88,13 +103,21 @@ class BookingBusyError(Exception):
     """A booking this sync needs is leased by another worker; try again shortly."""
 
 
+class CalendarPausedError(Exception):
+    """A calendar this sync needs failed moments ago, so it is not called until `seconds` from now."""
+
+    def __init__(self, calendar_id: str, seconds: float, cause: str) -> None:
+        super().__init__(f"calendar {calendar_id} is paused for {seconds:.1f} s after a failure ({cause}); not called")
+        self.seconds = seconds
+
+
 @dataclass(frozen=True)
 class DeliveryBackoff:
     """When a delivery that failed with a transient error is tried again."""
 
     base_seconds: float = 30.0
     max_seconds: float = 900.0
-    max_attempts: int = 12
+    max_attempts: int = 14
 
     def delay(self, attempts_made: int, retry_after: float | None = None) -> float | None:
         """Return the wait before the next attempt, or None when no attempt is left.
@@ -104,11 +127,55 @@ class DeliveryBackoff:
         """
         if attempts_made >= self.max_attempts:
             return None
-        ceiling = min(self.max_seconds, self.base_seconds * 2 ** max(attempts_made - 1, 0))
+        ceiling = self._ceiling(attempts_made)
         wait = random.uniform(ceiling / 2, ceiling)
         if retry_after is not None:
             wait = max(wait, retry_after)
         return wait
+
+    def shortest_span(self) -> float:
+        """Return the least time from a delivery's first attempt to its last, with every jitter at its lowest.
+
+        An outage shorter than this never fails a delivery.
+        """
+        return sum(self._ceiling(attempts) / 2 for attempts in range(1, self.max_attempts))
+
+    def _ceiling(self, attempts_made: int) -> float:
+        return min(self.max_seconds, self.base_seconds * 2 ** max(attempts_made - 1, 0))
+
+
+class CalendarBreaker:
+    """Pauses the calls to a calendar for a while after a call to it failed transiently.
+
+    While one calendar is down, the other bookings routed to it are put back at once instead of
+    each spending its in-call retries, so the worker's threads stay free for other calendars and
+    the failing calendar gets one probe per pause instead of a call per booking. The pauses live
+    in memory: losing them on a restart costs a few calls, never a delivery.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._paused: dict[str, tuple[float, str]] = {}
+
+    def trip(self, calendar_id: str, seconds: float, cause: str) -> None:
+        """Pause the calendar's calls for `seconds` from now, or longer if it is paused already."""
+        until = self._clock() + seconds
+        with self._lock:
+            current = self._paused.get(calendar_id)
+            if current is None or current[0] < until:
+                self._paused[calendar_id] = (until, cause)
+
+    def check(self, calendar_id: str) -> None:
+        """Raise CalendarPausedError if the calendar is paused."""
+        now = self._clock()
+        with self._lock:
+            paused = self._paused.get(calendar_id)
+            if paused is not None and paused[0] <= now:
+                del self._paused[calendar_id]
+                paused = None
+        if paused is not None:
+            raise CalendarPausedError(calendar_id, paused[0] - now, paused[1])
 
 
 @dataclass(frozen=True)
@@ -132,6 +199,7 @@ class BookingSync:
         owner: str,
         lease_seconds: float = 120.0,
         backoff: DeliveryBackoff | None = None,
+        breaker: CalendarBreaker | None = None,
     ) -> None:
         self.engine = engine
         self.backend = backend
@@ -140,30 +208,58 @@ class BookingSync:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.backoff = backoff or DeliveryBackoff()
+        self.breaker = breaker or CalendarBreaker()
+        self._lock = threading.Lock()
+        self._predecessor_leases: set[str] = set()
+
+    def held_leases(self) -> set[str]:
+        """Return the predecessor bookings leased by syncs running now, whose leases need renewing too."""
+        with self._lock:
+            return set(self._predecessor_leases)
 
     def sync(self, booking_id: str) -> int:
         """Apply the booking's pending deliveries; return how many were finished or rescheduled."""
-        deliveries = load_pending(self.engine, booking_id)
+        pending = load_pending(self.engine, booking_id)
         now = utcnow()
-        if not any(delivery.next_attempt_at <= now for delivery in deliveries):
+        if not any(delivery.next_attempt_at <= now for delivery in pending):
             return 0
 
         started = time.perf_counter()
-        snapshots = [self._snapshot(delivery) for delivery in deliveries]
+        deliveries, snapshots = self._snapshots(pending)
+        if not deliveries:
+            return len(pending)
         newest_index = max(range(len(snapshots)), key=lambda index: (snapshots[index].version, snapshots[index].rank))
         newest = snapshots[newest_index]
         predecessor_id = newest.rescheduled_from
         predecessor_leased = False
+        bind_delivery(booking_id, newest.delivery_id)
 
         try:
             if predecessor_id is not None:
                 predecessor_leased = self._lease_predecessor(predecessor_id)
             applied = self._apply(newest, predecessor_id)
+        except ShutdownRequested:
+            log.info("booking %s delivery %s: left pending because the worker is stopping", booking_id, newest.delivery_id)
+            return 0
         except BookingBusyError as error:
-            self._retry(deliveries, str(error), retry_after=1.0, count_attempt=False)
+            delay = min(BUSY_RETRY_SECONDS, self.backoff.base_seconds)
+            self._retry(deliveries, newest_index, newest, str(error), delay, counted=False)
+            return len(deliveries)
+        except CalendarPausedError as error:
+            delay = error.seconds + random.uniform(0, self.backoff.base_seconds)
+            self._retry(deliveries, newest_index, newest, self._describe(newest, error), delay, counted=False)
+            return len(deliveries)
+        except RateLimitedError as error:
+            # Rate limits and quotas mean "slower", not "broken": the pacer already holds back
+            # the host's calls, and the delivery waits without using up an attempt.
+            delay = self.backoff.delay(max(deliveries[newest_index].attempts, 1), error.retry_after)
+            self._retry(deliveries, newest_index, newest, self._describe(newest, error), delay, counted=False)
             return len(deliveries)
         except TransientCalendarError as error:
-            self._retry(deliveries, self._describe(newest, error), retry_after=error.retry_after)
+            if error.calendar_id:
+                pause = max(error.retry_after or 0.0, self.backoff.base_seconds)
+                self.breaker.trip(error.calendar_id, pause, error.describe())
+            self._retry_counted(deliveries, newest_index, newest, self._describe(newest, error), error.retry_after)
             return len(deliveries)
         except (CalendarError, PermanentSyncError, SnapshotError, NoRouteError) as error:
             self._fail(deliveries, newest_index, newest, self._describe(newest, error))
@@ -173,19 +269,45 @@ class BookingSync:
         except Exception as error:
             # A bug must not turn into a tight loop: the deliveries back off like a transient error.
             log.exception("booking %s delivery %s: unexpected error", booking_id, newest.delivery_id)
-            self._retry(deliveries, self._describe(newest, error), retry_after=None)
+            self._retry_counted(deliveries, newest_index, newest, self._describe(newest, error), None)
             return len(deliveries)
         finally:
             if predecessor_leased:
+                with self._lock:
+                    self._predecessor_leases.discard(predecessor_id)
                 release_lease(self.engine, predecessor_id, self.owner)
 
         self._record(deliveries, newest_index, newest, applied)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        log.info("booking %s delivery %s: %s (%.0f ms)", booking_id, newest.delivery_id, applied.outcome, elapsed_ms)
+        log.info(
+            "booking %s delivery %s: %s (%.0f ms)", booking_id, newest.delivery_id, applied.outcome, elapsed_ms,
+            extra=outcome_fields(applied.outcome, applied.mapping, elapsed_ms),
+        )
         return len(deliveries)
 
+    def _snapshots(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Snapshot]]:
+        """Parse each delivery's body; fail the ones that no longer parse, and return the rest."""
+        parsed: list[tuple[Delivery, Snapshot]] = []
+        broken: dict[int, tuple[str, str]] = {}
+        for delivery in deliveries:
+            try:
+                parsed.append((delivery, self._snapshot(delivery)))
+            except EnvelopeError as error:
+                # The receiver checked the body, so only a body stored by an older version or
+                # changed in the database gets here; retrying it cannot help.
+                message = f"booking {delivery.booking_id}: the stored body is not a valid envelope ({error})"
+                broken[delivery.id] = (DeliveryState.FAILED, message)
+                log.error("booking %s delivery %s failed: %s", delivery.booking_id, delivery.delivery_id, message)
+
+        if broken:
+            with Session(self.engine) as session:
+                finish_deliveries(session, broken)
+                session.commit()
+            DELIVERIES_FINISHED.labels(DeliveryState.FAILED).inc(len(broken))
+        return [delivery for delivery, _ in parsed], [snapshot for _, snapshot in parsed]
+
     def _snapshot(self, delivery: Delivery) -> Snapshot:
-        envelope = parse_envelope(delivery.body or b"{}")
+        envelope = parse_envelope(delivery.body or b"")
         return Snapshot(
             booking_id=delivery.booking_id or "",
             event=delivery.event,
@@ -197,6 +319,8 @@ class BookingSync:
 
     def _lease_predecessor(self, predecessor_id: str) -> bool:
         if acquire_lease(self.engine, predecessor_id, self.owner, self.lease_seconds):
+            with self._lock:
+                self._predecessor_leases.add(predecessor_id)
             return True
         raise BookingBusyError(f"booking {predecessor_id} (rescheduled into this one) is being synced by another worker")
 
@@ -229,6 +353,8 @@ class BookingSync:
             return self._unchanged(f"ignored: booking was rescheduled into {base.carried_to}")
         if action is Action.STALE:
             return self._unchanged("stale: not newer than the applied snapshot")
+        for calendar_id in _called_calendars(plan, desired):
+            self.breaker.check(calendar_id)
 
         if action is Action.UNCHANGED:
             state = base.state if base.is_live else MappingState.NONE
@@ -340,14 +466,9 @@ class BookingSync:
         return Applied(result, tombstone, outcome)
 
     def _record(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied) -> None:
-        is_stale = applied.mapping is None
-        outcomes = {}
-        for index, delivery in enumerate(deliveries):
-            if index == newest_index:
-                state = DeliveryState.STALE if is_stale else DeliveryState.APPLIED
-                outcomes[delivery.id] = (state, applied.outcome)
-            else:
-                outcomes[delivery.id] = (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")
+        state = DeliveryState.STALE if applied.mapping is None else DeliveryState.APPLIED
+        outcomes = self._superseded(deliveries, newest_index, newest)
+        outcomes[deliveries[newest_index].id] = (state, applied.outcome)
 
         with Session(self.engine) as session:
             renew_lease(session.connection(), newest.booking_id, self.owner, self.lease_seconds)
@@ -361,27 +482,39 @@ class BookingSync:
         for state, _ in outcomes.values():
             DELIVERIES_FINISHED.labels(state).inc()
 
-    def _retry(self, deliveries: list[Delivery], error: str, retry_after: float | None, count_attempt: bool = True) -> None:
-        delays = []
-        for delivery in deliveries:
-            attempts = delivery.attempts + 1 if count_attempt else delivery.attempts
-            delays.append(self.backoff.delay(attempts, retry_after) if count_attempt else retry_after)
-        schedule_retry(self.engine, deliveries, error, delays)
-        given_up = sum(delay is None for delay in delays)
-        DELIVERIES_FINISHED.labels("retried").inc(len(deliveries) - given_up)
-        DELIVERIES_FINISHED.labels("failed").inc(given_up)
+    def _retry_counted(
+        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str, retry_after: float | None
+    ) -> None:
+        """Put the newest delivery back with its backoff, or fail it when its last attempt is used up."""
+        attempts = deliveries[newest_index].attempts + 1
+        delay = self.backoff.delay(attempts, retry_after)
+        if delay is None:
+            self._fail(deliveries, newest_index, newest, f"{error} (gave up after {attempts} attempts)")
+            return
+        self._retry(deliveries, newest_index, newest, error, delay, counted=True)
+
+    def _retry(
+        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str, delay: float, *, counted: bool
+    ) -> None:
+        """Put the newest delivery back to be tried `delay` seconds from now; the older ones are superseded."""
+        newest_row = deliveries[newest_index]
+        with Session(self.engine) as session:
+            finish_deliveries(session, self._superseded(deliveries, newest_index, newest))
+            schedule_retry(session, newest_row.id, error, delay, counted=counted)
+            session.commit()
+
+        DELIVERIES_FINISHED.labels("retried").inc()
+        DELIVERIES_FINISHED.labels(DeliveryState.STALE).inc(len(deliveries) - 1)
+        attempt = f"attempt {newest_row.attempts + 1} failed" if counted else "not counted as an attempt"
         log.warning(
-            "booking %s: %d deliveries will be retried, %d failed for good: %s",
-            deliveries[0].booking_id, len(deliveries) - given_up, given_up, error,
+            "booking %s delivery %s: retrying in %.1f s (%s): %s",
+            newest.booking_id, newest.delivery_id, delay, attempt, error,
         )
 
     def _fail(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str) -> None:
-        outcomes = {}
-        for index, delivery in enumerate(deliveries):
-            if index == newest_index:
-                outcomes[delivery.id] = (DeliveryState.FAILED, error)
-            else:
-                outcomes[delivery.id] = (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")
+        """Mark the newest delivery failed with the error in words; the older ones are superseded."""
+        outcomes = self._superseded(deliveries, newest_index, newest)
+        outcomes[deliveries[newest_index].id] = (DeliveryState.FAILED, error)
         with Session(self.engine) as session:
             finish_deliveries(session, outcomes)
             session.execute(
@@ -394,9 +527,29 @@ class BookingSync:
         log.error("booking %s delivery %s failed: %s", newest.booking_id, newest.delivery_id, error)
 
     @staticmethod
+    def _superseded(deliveries: list[Delivery], newest_index: int, newest: Snapshot) -> dict[int, tuple[str, str]]:
+        """Return the outcome of every delivery but the newest: stale, because a newer snapshot exists."""
+        return {
+            delivery.id: (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")
+            for index, delivery in enumerate(deliveries)
+            if index != newest_index
+        }
+
+    @staticmethod
     def _describe(snapshot: Snapshot, error: Exception) -> str:
         text = error.describe() if isinstance(error, CalendarError) else str(error)
         return f"booking {snapshot.booking_id}: {text}"
+
+
+def _called_calendars(plan: Plan, desired: Desired) -> set[str]:
+    """Return the calendars a plan writes to."""
+    if plan.action is Action.DELETE:
+        return {plan.base.target.calendar_id}
+    if plan.action is Action.MOVE:
+        return {plan.base.target.calendar_id, desired.target.calendar_id}
+    if plan.action in (Action.CREATE, Action.UPDATE):
+        return {desired.target.calendar_id}
+    return set()
 
 
 def _needs_event(decision: BookingDecision, current: CurrentEvent, snapshot: Snapshot) -> bool:

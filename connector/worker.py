@@ -2,22 +2,67 @@
 
 A dispatcher thread finds bookings with due deliveries, takes each one's lease, and submits it to
 the pool. It wakes at once when the receiver in the same process commits a delivery, and polls
-otherwise, which is how a worker in a separate process sees new deliveries.
+otherwise, which is how a worker in a separate process sees new deliveries. It also renews the
+leases of the bookings in flight, so a lease can be short (a crashed worker's bookings are taken
+over soon) without a slow calendar call losing its booking to another worker.
+
+Stopping is graceful: no new booking is taken, waits before calendar calls are cut short, the
+bookings in flight finish their current call, and every lease is given back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import Engine
 
-from connector.queue import acquire_lease, find_due_bookings, release_lease
-from connector.sync import BookingSync
+from connector.queue import acquire_lease, find_due_bookings, release_lease, renew_leases
+
+if TYPE_CHECKING:
+    from connector.sync import BookingSync
 
 log = logging.getLogger(__name__)
+
+
+class ShutdownRequested(Exception):
+    """The worker is stopping, so a wait before a calendar call was cut short."""
+
+
+class StopSignal:
+    """The worker's stop flag, which also cuts short the waits of calendar calls.
+
+    Its `sleep` replaces `time.sleep` in the retry policy and the pacer, so a worker told to stop
+    does not sit out a backoff first.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        """Ask everything that waits on this signal to stop."""
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """Return whether a stop was requested."""
+        return self._event.is_set()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep like `time.sleep`, but raise ShutdownRequested once a stop is requested."""
+        if self._event.wait(max(seconds, 0.0)):
+            raise ShutdownRequested("the worker is stopping")
+
+
+class Housekeeping(Protocol):
+    """Periodic work that runs alongside the worker, such as pruning old payloads."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def new_owner_id() -> str:
@@ -36,6 +81,8 @@ class SyncWorker:
         threads: int = 8,
         poll_seconds: float = 0.5,
         lease_seconds: float = 120.0,
+        stop_signal: StopSignal | None = None,
+        housekeeping: Housekeeping | None = None,
     ) -> None:
         self.engine = engine
         self.booking_sync = booking_sync
@@ -43,8 +90,9 @@ class SyncWorker:
         self.threads = threads
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
+        self.housekeeping = housekeeping
+        self._stop = stop_signal or StopSignal()
         self._wake = threading.Event()
-        self._stopping = threading.Event()
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sync")
@@ -54,18 +102,23 @@ class SyncWorker:
         """Start dispatching in a background thread."""
         log.info("sync worker %s started with %d threads", self.owner, self.threads)
         self._dispatcher.start()
+        if self.housekeeping is not None:
+            self.housekeeping.start()
 
     def wake(self, booking_ids: list[str] | None = None) -> None:
         """Look for work now instead of at the next poll."""
         self._wake.set()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop taking work, let the bookings in flight finish, and release their leases."""
-        self._stopping.set()
+        """Stop taking work, let the bookings in flight finish or give up, and release every lease."""
+        self._stop.set()
         self._wake.set()
+        if self.housekeeping is not None:
+            self.housekeeping.stop()
         if self._dispatcher.is_alive():
             self._dispatcher.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._release_unstarted()
         log.info("sync worker %s stopped", self.owner)
 
     def in_flight(self) -> int:
@@ -75,8 +128,6 @@ class SyncWorker:
 
     def run_until_idle(self, timeout: float = 30.0) -> None:
         """Sync every due booking in the calling thread; for tests and one-shot commands."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             booking_ids = find_due_bookings(self.engine, 100)
@@ -88,15 +139,29 @@ class SyncWorker:
         raise TimeoutError(f"bookings were still due after {timeout} s")
 
     def _dispatch_forever(self) -> None:
-        while not self._stopping.is_set():
+        renew_every = self.lease_seconds / 3
+        renewed_at = time.monotonic()
+        while not self._stop.is_set():
             self._wake.clear()
             try:
+                if time.monotonic() - renewed_at >= renew_every:
+                    self._renew_leases()
+                    renewed_at = time.monotonic()
                 dispatched = self._dispatch_once()
             except Exception as error:  # the database is unreachable: keep trying at poll pace
                 log.error("sync worker could not look for work: %s", error)
                 dispatched = 0
             if not dispatched:
-                self._wake.wait(self.poll_seconds)
+                self._wake.wait(min(self.poll_seconds, renew_every))
+
+    def _renew_leases(self) -> None:
+        with self._lock:
+            booking_ids = set(self._in_flight)
+        booking_ids |= self.booking_sync.held_leases()
+        renewed = renew_leases(self.engine, booking_ids, self.owner, self.lease_seconds)
+        if renewed < len(booking_ids):
+            log.warning("sync worker %s: %d of %d leases were taken over before renewal",
+                        self.owner, len(booking_ids) - renewed, len(booking_ids))
 
     def _dispatch_once(self) -> int:
         with self._lock:
@@ -107,7 +172,7 @@ class SyncWorker:
 
         dispatched = 0
         for booking_id in find_due_bookings(self.engine, free, exclude=busy):
-            if self._stopping.is_set():
+            if self._stop.is_set():
                 break
             if not acquire_lease(self.engine, booking_id, self.owner, self.lease_seconds):
                 continue
@@ -127,13 +192,24 @@ class SyncWorker:
 
     def _sync_booking(self, booking_id: str) -> None:
         try:
-            while not self._stopping.is_set():
+            while not self._stop.is_set():
                 if not self.booking_sync.sync(booking_id):
                     break
         except Exception:
             log.exception("booking %s: sync failed unexpectedly; its deliveries stay pending", booking_id)
         finally:
-            try:
-                release_lease(self.engine, booking_id, self.owner)
-            except Exception as error:
-                log.error("booking %s: releasing the lease failed, it expires by itself: %s", booking_id, error)
+            self._release(booking_id)
+
+    def _release_unstarted(self) -> None:
+        """Release the bookings that were leased and queued, but whose sync never started."""
+        with self._lock:
+            unstarted = list(self._in_flight)
+            self._in_flight.clear()
+        for booking_id in unstarted:
+            self._release(booking_id)
+
+    def _release(self, booking_id: str) -> None:
+        try:
+            release_lease(self.engine, booking_id, self.owner)
+        except Exception as error:
+            log.error("booking %s: releasing the lease failed, it expires by itself: %s", booking_id, error)

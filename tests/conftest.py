@@ -7,9 +7,63 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RunningConnector, running_connector, test_settings
+from tests.support import (
+    TEST_DATABASE,
+    PostgresSchemas,
+    RunningConnector,
+    drop_abandoned_schemas,
+    postgres_unreachable_reason,
+    require_postgres,
+    running_connector,
+    test_settings,
+)
 
 pytest_plugins = ["tests.emulator.fixtures"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once when PROXIMITY_TEST_DATABASE names a database the suite cannot use."""
+    if TEST_DATABASE not in {"sqlite", "postgresql"}:
+        pytest.exit(f"PROXIMITY_TEST_DATABASE must be sqlite or postgresql, not {TEST_DATABASE!r}", returncode=4)
+    if TEST_DATABASE == "postgresql":
+        reason = postgres_unreachable_reason()
+        if reason is not None:
+            pytest.exit(f"PROXIMITY_TEST_DATABASE=postgresql, but {reason}", returncode=4)
+        drop_abandoned_schemas()
+
+
+@pytest.fixture(autouse=True)
+def postgres_schemas() -> Iterator[PostgresSchemas | None]:
+    """With PROXIMITY_TEST_DATABASE=postgresql, the test's PostgreSQL schemas, dropped after it."""
+    if TEST_DATABASE != "postgresql":
+        yield None
+        return
+
+    schemas = PostgresSchemas()
+    PostgresSchemas.current = schemas
+    try:
+        yield schemas
+    finally:
+        PostgresSchemas.current = None
+        schemas.drop_all()
+
+
+@pytest.fixture
+def postgres(postgres_schemas: PostgresSchemas | None) -> Iterator[PostgresSchemas]:
+    """PostgreSQL schemas for a test that needs PostgreSQL whatever PROXIMITY_TEST_DATABASE says.
+
+    The test is skipped when the server is unreachable, and fails instead in CI.
+    """
+    require_postgres()
+    if postgres_schemas is not None:
+        yield postgres_schemas
+        return
+
+    schemas = PostgresSchemas()
+    try:
+        yield schemas
+    finally:
+        schemas.drop_all()
 
 
 @pytest.fixture

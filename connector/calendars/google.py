@@ -48,6 +48,7 @@ from connector.calendars.google_transport import (
     UnboundHttp,
     make_client,
 )
+from connector.metrics import record_calendar_call
 from connector.pacing import Pacer, PacingTimeoutError
 from connector.retries import RetryPolicy
 
@@ -370,16 +371,24 @@ class GoogleCalendar:
         return service
 
     def _log_call(self, call: _Call, status: int | str, started: float) -> None:
-        if not logger.isEnabledFor(logging.DEBUG):
-            return
+        """Count the attempt in the metrics, and log it in one INFO line."""
+        record_calendar_call(call.method, status)
+        duration_ms = (time.monotonic() - started) * 1000
 
-        logger.debug(
+        logger.info(
             "%s calendar=%s event=%s status=%s duration_ms=%.0f",
             call.method,
             call.target.calendar_id,
             call.event_id or "-",
             status,
-            (time.monotonic() - started) * 1000,
+            duration_ms,
+            extra={
+                "action": call.method.split(" ", 1)[0],
+                "calendar": call.target.calendar_id,
+                "event_id": call.event_id,
+                "status": status,
+                "duration_ms": round(duration_ms, 1),
+            },
         )
 
     def _map_http_error(self, error: HttpError, call: _Call) -> CalendarError:

@@ -1,0 +1,1 @@
+"""Operator commands: `check` the setup, `send-test` a delivery, `reconcile` the calendars."""

@@ -1,0 +1,37 @@
+"""Settings and database access shared by the operator commands."""
+
+from __future__ import annotations
+
+import click
+from sqlalchemy.engine import Engine
+
+from connector.logs import configure_logging
+from connector.schema import SchemaError, prepare_schema
+from connector.settings import Settings, SettingsError, load_settings
+from connector.storage import make_engine
+
+
+def command_settings() -> Settings:
+    """Load the settings and set up logging, or stop the command with the settings error.
+
+    These commands print their own report, so their log shows warnings and errors only, unless
+    LOG_LEVEL is DEBUG.
+    """
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+    level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+    configure_logging(level, settings.log_format)
+    return settings
+
+
+def open_database(settings: Settings) -> Engine:
+    """Open the connector's database with its schema ready, or stop the command with the reason."""
+    engine = make_engine(settings.database_url, pool_size=2)
+    try:
+        prepare_schema(engine)
+    except SchemaError as error:
+        engine.dispose()
+        raise click.ClickException(str(error)) from None
+    return engine
