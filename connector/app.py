@@ -77,6 +77,8 @@ class Connector:
             self.worker.stop()
         self.backend.close()
         self.engine.dispose()
+        if self.listener is not None:
+            self.listener.join()
 
 
 def build_connector(settings: Settings, *, with_worker: bool = True) -> Connector:

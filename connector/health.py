@@ -1,7 +1,8 @@
 """Health and monitoring endpoints.
 
-`/healthz` says the process answers. `/readyz` says it can do its work: the database answers, and
-the worker is making progress on the queue. `/metrics` serves the Prometheus exposition.
+`/healthz` responds while the process runs. `/readyz` responds with 200 only while the process can
+do its work: the database is reachable, and the worker makes progress on the queue. `/metrics`
+serves the Prometheus exposition.
 """
 
 from __future__ import annotations

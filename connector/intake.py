@@ -143,7 +143,8 @@ class DeliveryIntake:
     def _write(self, batch: Batch) -> None:
         # Receivers sharing a PostgreSQL database insert in delivery id order, so two batches that
         # hold the same ids wait for each other instead of deadlocking on the unique index.
-        # NOTE: equal bodies under different delivery ids can still deadlock; that batch answers 503.
+        # NOTE: equal bodies under different delivery ids can still deadlock, and then every
+        # delivery of the losing batch gets 503 and is sent again by Proximity.
         batch = sorted(batch, key=lambda item: item[0].delivery_id)
         now = utcnow()
         try:

@@ -78,6 +78,9 @@ def record_calendar_call(method: str, status: int | str) -> None:
     """Count one calendar API call, and note the time when it was a successful write.
 
     `status` is the HTTP status, or a word such as the error class when no response came.
+
+    NOTE: only the Google backend calls this; the ics backend writes to the database and its
+    writes are not counted here.
     """
     method = method.split(" ", 1)[0]
     CALENDAR_CALLS.labels(method, str(status)).inc()

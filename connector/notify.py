@@ -37,8 +37,8 @@ def notify_new_deliveries(connection: Connection) -> None:
 class DeliveryListener:
     """Calls `on_notify` whenever another process stores deliveries, until stopped.
 
-    It also calls `on_notify` after each (re)connection, because deliveries stored while it
-    was not listening sent their notifications to nobody.
+    It also calls `on_notify` after each (re)connection, because no listener received the
+    notifications of deliveries stored while it was disconnected.
     """
 
     def __init__(self, engine: Engine, on_notify: Callable[[], None]) -> None:
@@ -52,9 +52,12 @@ class DeliveryListener:
         """Start listening in a background thread."""
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening and close the connection."""
+    def stop(self) -> None:
+        """Ask the thread to stop; it closes its connection within LISTEN_WAIT_SECONDS."""
         self._stopping.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait until the thread has stopped and closed its connection."""
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -72,6 +75,9 @@ class DeliveryListener:
                 self._listen()
                 delay = RECONNECT_MIN_SECONDS
             except psycopg.Error as error:
+                if self._listening.is_set():
+                    # A connection that worked until now was dropped: retry soon, then back off.
+                    delay = RECONNECT_MIN_SECONDS
                 self._listening.clear()
                 log.warning(
                     "listening for new deliveries failed, reconnecting in %.1f s (polling continues meanwhile): %s",

@@ -196,6 +196,44 @@ def write_mapping(session: Session, change: MappingUpdate) -> None:
     session.add(mapping)
 
 
+def record_insert_intent(engine: Engine, booking_id: str, target: Target, event_id: str, generation: int) -> None:
+    """Record, before an insert is sent, that the booking's event may now exist under `event_id`.
+
+    The row says the event is live but keeps the applied version, so the snapshot being applied
+    is still newer next time, and forgets the field digests, so that next time every field is
+    written. If the insert's response is lost, or the worker dies, the next sync of the booking,
+    or of a booking rescheduled from it, finds the event instead of creating a second one. If the
+    insert was never stored, that sync learns so from the calendar (404) and inserts the same id.
+    """
+    with Session(engine) as session:
+        mapping = session.get(BookingMapping, booking_id) or BookingMapping(booking_id=booking_id, version=None)
+        mapping.state = MappingState.LIVE.value
+        mapping.calendar_id = target.calendar_id
+        mapping.acting_user = target.acting_user
+        mapping.event_id = event_id
+        mapping.generation = generation
+        mapping.field_digests = "{}"
+        mapping.event_digest = None
+        mapping.updated_at = utcnow()
+        session.add(mapping)
+        session.commit()
+
+
+def unsettled_since(engine: Engine, booking_id: str) -> datetime | None:
+    """Return when the booking's pending delivery that already failed once is tried again, if it has one.
+
+    Such a booking's calendar state is uncertain: its last sync may have written an event whose
+    response was lost.
+    """
+    query = select(func.min(Delivery.next_attempt_at)).where(
+        Delivery.booking_id == booking_id,
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.last_error.is_not(None),
+    )
+    with engine.begin() as connection:
+        return connection.execute(query).scalar()
+
+
 def finish_deliveries(session: Session, outcomes: dict[int, tuple[str, str]]) -> None:
     """Set each delivery's final state and outcome text, keyed by row id."""
     now = utcnow()

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
-from connector.storage import make_engine
+from connector.storage import make_engine, parse_database_url
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ MIGRATION_LOCK_KEY = 7_032_175_891
 
 
 class SchemaError(Exception):
-    """The database schema cannot be used or changed; the message says what to do."""
+    """The database schema cannot be used or changed; the message names the fix."""
 
 
 class SchemaOutOfDateError(SchemaError):
@@ -105,8 +105,8 @@ def check_schema(engine: Engine) -> None:
 def upgrade_schema(engine: Engine) -> SchemaStatus:
     """Apply every missing migration in one transaction; return the revisions before and after.
 
-    On PostgreSQL an advisory lock makes a second upgrade of the same database wait and then
-    find nothing to do; on SQLite the write lock of `BEGIN IMMEDIATE` does the same.
+    Concurrent upgrades of one database run one after the other, so the later ones find nothing
+    to do. PostgreSQL serializes them with an advisory lock, SQLite with `BEGIN IMMEDIATE`.
     """
     head = head_revision()
     with _connect(engine) as connection, connection.begin():
@@ -128,9 +128,9 @@ def upgrade_schema(engine: Engine) -> SchemaStatus:
 def prepare_schema(engine: Engine) -> None:
     """Make sure the schema is usable before the connector starts.
 
-    SQLite, the embedded default with one process, is upgraded in place. A PostgreSQL
-    database is shared by many processes, so only `proximity-sync db upgrade` changes it and
-    an out-of-date schema raises SchemaOutOfDateError.
+    SQLite, the embedded default, is upgraded in place. A PostgreSQL database is shared by many
+    processes, so only `proximity-sync db upgrade` changes it, and an out-of-date schema raises
+    SchemaOutOfDateError.
     """
     if engine.dialect.name == "sqlite":
         upgrade_schema(engine)
@@ -140,7 +140,8 @@ def prepare_schema(engine: Engine) -> None:
 
 def render_upgrade_sql(database_url: str, output: TextIO) -> None:
     """Write the SQL of every migration to `output`, for a database administrator to apply."""
-    command.upgrade(alembic_config(database_url, output), "head", sql=True)
+    url = parse_database_url(database_url).render_as_string(hide_password=False)
+    command.upgrade(alembic_config(url, output), "head", sql=True)
 
 
 def new_revision(message: str) -> Path:

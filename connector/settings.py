@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     ready_stall_seconds: float = Field(
         default=300.0,
         ge=0,
-        description="GET /readyz answers 503 when a delivery has been due this long and none finished meanwhile; 0 turns this check off.",
+        description="GET /readyz responds with 503 when a delivery has been due this long, in seconds, and none finished meanwhile; 0 turns this check off.",
     )
 
     @field_validator("google_api_endpoint")

@@ -14,7 +14,7 @@ from sqlmodel import Field, SQLModel, create_engine
 
 
 # A connection attempt to an unreachable PostgreSQL server fails after this long, so the
-# receiver answers 503 instead of hanging; a `connect_timeout` in DATABASE_URL overrides it.
+# receiver returns 503 instead of hanging. A `connect_timeout` in DATABASE_URL overrides it.
 POSTGRESQL_CONNECT_TIMEOUT_SECONDS = 10
 
 

@@ -65,10 +65,12 @@ from connector.queue import (
     finish_deliveries,
     load_current,
     load_pending,
+    record_insert_intent,
     release_lease,
     renew_lease,
     schedule_retry,
     supersede_failed,
+    unsettled_since,
     write_mapping,
 )
 from connector.routing import NoRouteError
@@ -100,7 +102,11 @@ class PermanentSyncError(Exception):
 
 
 class BookingBusyError(Exception):
-    """A booking this sync needs is leased by another worker; try again shortly."""
+    """A booking this sync needs is leased by another worker, or still retrying a change; try again later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CalendarPausedError(Exception):
@@ -127,6 +133,10 @@ class DeliveryBackoff:
         """
         if attempts_made >= self.max_attempts:
             return None
+        return self.wait(attempts_made, retry_after)
+
+    def wait(self, attempts_made: int, retry_after: float | None = None) -> float:
+        """Return the wait after `attempts_made` attempts, whether or not an attempt is left."""
         ceiling = self._ceiling(attempts_made)
         wait = random.uniform(ceiling / 2, ceiling)
         if retry_after is not None:
@@ -242,7 +252,7 @@ class BookingSync:
             log.info("booking %s delivery %s: left pending because the worker is stopping", booking_id, newest.delivery_id)
             return 0
         except BookingBusyError as error:
-            delay = min(BUSY_RETRY_SECONDS, self.backoff.base_seconds)
+            delay = error.retry_after if error.retry_after is not None else self._busy_wait()
             self._retry(deliveries, newest_index, newest, str(error), delay, counted=False)
             return len(deliveries)
         except CalendarPausedError as error:
@@ -252,7 +262,7 @@ class BookingSync:
         except RateLimitedError as error:
             # Rate limits and quotas mean "slower", not "broken": the pacer already holds back
             # the host's calls, and the delivery waits without using up an attempt.
-            delay = self.backoff.delay(max(deliveries[newest_index].attempts, 1), error.retry_after)
+            delay = self.backoff.wait(max(deliveries[newest_index].attempts, 1), error.retry_after)
             self._retry(deliveries, newest_index, newest, self._describe(newest, error), delay, counted=False)
             return len(deliveries)
         except TransientCalendarError as error:
@@ -318,11 +328,29 @@ class BookingSync:
         )
 
     def _lease_predecessor(self, predecessor_id: str) -> bool:
-        if acquire_lease(self.engine, predecessor_id, self.owner, self.lease_seconds):
+        if not acquire_lease(self.engine, predecessor_id, self.owner, self.lease_seconds):
+            raise BookingBusyError(f"booking {predecessor_id} (rescheduled into this one) is being synced by another worker")
+        with self._lock:
+            self._predecessor_leases.add(predecessor_id)
+
+        # A predecessor whose last sync failed may hold an event the mapping does not show yet
+        # (an insert into a new host's calendar whose response was lost); taking over its old
+        # event now would leave that one behind, so its own retry goes first.
+        retry_at = unsettled_since(self.engine, predecessor_id)
+        if retry_at is not None:
             with self._lock:
-                self._predecessor_leases.add(predecessor_id)
-            return True
-        raise BookingBusyError(f"booking {predecessor_id} (rescheduled into this one) is being synced by another worker")
+                self._predecessor_leases.discard(predecessor_id)
+            release_lease(self.engine, predecessor_id, self.owner)
+            wait = max((retry_at - utcnow()).total_seconds(), 0.0) + self._busy_wait()
+            raise BookingBusyError(
+                f"booking {predecessor_id} (rescheduled into this one) has a change waiting for a retry, "
+                "which is applied first",
+                retry_after=wait,
+            )
+        return True
+
+    def _busy_wait(self) -> float:
+        return min(BUSY_RETRY_SECONDS, self.backoff.base_seconds)
 
     def _apply(self, snapshot: Snapshot, predecessor_id: str | None) -> Applied:
         current = load_current(self.engine, snapshot.booking_id)
@@ -371,7 +399,7 @@ class BookingSync:
             result, outcome = self._move(snapshot, base, desired)
         else:
             generation = base.generation + 1 if base.event_id else base.generation
-            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body)
+            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body, intent=True)
             outcome = f"created event {event_id} in {desired.target.calendar_id}"
             result = self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body)
 
@@ -380,11 +408,13 @@ class BookingSync:
     def _update(self, snapshot: Snapshot, base: CurrentEvent, changes: EventBody, desired: Desired):
         try:
             self.backend.patch_event(desired.target, base.event_id, changes)
-        except EventGoneError:
-            # The host deleted the event by hand; the booking still wants one, so write a new
-            # generation (a deleted id can never be written again).
-            event_id, generation = self._insert(desired.target, snapshot.booking_id, base.generation + 1, desired.body)
-            outcome = f"re-created event {event_id} in {desired.target.calendar_id} (the previous one was deleted in the calendar)"
+        except EventGoneError as error:
+            # The host deleted the event by hand, and a deleted id can never be written again, so
+            # the booking gets the next generation. An id the calendar does not know (404) was
+            # never created, after an insert that failed with its outcome unknown, so it is tried again.
+            generation = base.generation if error.status == 404 else base.generation + 1
+            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body, intent=True)
+            outcome = f"re-created event {event_id} in {desired.target.calendar_id} (the previous one was not in the calendar)"
             return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
 
         fields = ", ".join(sorted(changes))
@@ -399,10 +429,19 @@ class BookingSync:
         outcome = f"moved event from {base.target.calendar_id} to {desired.target.calendar_id} as {event_id}"
         return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
 
-    def _insert(self, target: Target, booking_id: str, generation: int, body: EventBody) -> tuple[str, int]:
-        """Insert the event under the first free generation; adopt a live one already there."""
+    def _insert(
+        self, target: Target, booking_id: str, generation: int, body: EventBody, *, intent: bool = False
+    ) -> tuple[str, int]:
+        """Insert the event under the first free generation; adopt a live one already there.
+
+        With `intent`, each id is recorded in the booking's mapping before it is sent (see
+        `record_insert_intent`); a move leaves it off, because its mapping still names the old
+        event, which is live until the move deletes it.
+        """
         for _ in range(MAX_GENERATION_BUMPS):
             event_id = event_id_for(booking_id, generation)
+            if intent:
+                record_insert_intent(self.engine, booking_id, target, event_id, generation)
             try:
                 self.backend.insert_event(target, event_id, body)
                 return event_id, generation

@@ -50,7 +50,7 @@ def postgres_schemas() -> Iterator[PostgresSchemas | None]:
 
 @pytest.fixture
 def postgres(postgres_schemas: PostgresSchemas | None) -> Iterator[PostgresSchemas]:
-    """PostgreSQL schemas for a test that needs PostgreSQL whatever PROXIMITY_TEST_DATABASE says.
+    """PostgreSQL schemas for a test that needs PostgreSQL, regardless of PROXIMITY_TEST_DATABASE.
 
     The test is skipped when the server is unreachable, and fails instead in CI.
     """

@@ -80,7 +80,7 @@ def free_port() -> int:
 
 @dataclass
 class ServedConnector:
-    """A `proximity-sync serve` process on loopback; `output` holds its stderr once stopped."""
+    """A `proximity-sync serve` process on loopback; `output` contains its stderr once stopped."""
 
     base_url: str
     process: subprocess.Popen

@@ -207,7 +207,7 @@ def test_database_url(tmp_path: Path) -> str:
 
 @functools.cache
 def postgres_unreachable_reason() -> str | None:
-    """Return why the test PostgreSQL server cannot be used, or None when it answers; checked once per run."""
+    """Return why the test PostgreSQL server cannot be used, or None when it accepts connections; checked once per run."""
     engine = create_engine(POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as connection:

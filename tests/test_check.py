@@ -80,7 +80,7 @@ def test_check_makes_only_reads(tmp_path, emulator, service_account_key):
     assert emulator.events(JANE, include_deleted=True) == []
 
 
-def test_check_names_client_id_and_scope_without_delegation(tmp_path, emulator):
+def test_check_names_missing_delegation(tmp_path, emulator):
     key = tmp_path / "no-delegation.json"
     document = emulator.make_service_account_key(key, client_email="nodelegation@proximity-test.iam.gserviceaccount.com", delegation=False)
 
@@ -182,6 +182,16 @@ def test_check_reports_unwritable_database_folder(tmp_path, emulator, service_ac
 
     assert result.exit_code == 1
     assert "does not exist or is not writable" in line_starting(result, "✗ database")
+
+
+def test_check_reports_invalid_database_url(tmp_path, emulator, service_account_key):
+    env = google_env(tmp_path, emulator, service_account_key, DATABASE_URL="not a url")
+
+    result = invoke(["check", "--host", JANE], env)
+
+    assert result.exit_code == 1
+    assert line_starting(result, "✗ database").endswith("DATABASE_URL is not a database URL")
+    assert line_starting(result, f"✓ calendar {JANE}").endswith(f"readable as {JANE}")
 
 
 def test_check_reads_hosts_from_mapping_table(tmp_path, emulator, service_account_key, google_connector):

@@ -108,7 +108,7 @@ def test_outage_retried_by_delivery_backoff(start_connector, emulator):
     wait_settled(running)
 
     assert during["state"] == "pending"
-    assert "503 backendError: events.insert" in during["last_error"]
+    assert during["last_error"].startswith("booking bkg_xyz789: 503 backendError: events.")
     assert "Backend Error" in during["last_error"]
     assert outage.hits >= 6
     assert only_delivery(running)["state"] == "applied"
@@ -116,7 +116,7 @@ def test_outage_retried_by_delivery_backoff(start_connector, emulator):
 
 
 def test_outage_of_one_host_leaves_others_flowing(start_connector, emulator):
-    running = start_connector(worker_threads=2, delivery_retry_base_seconds=3.0, delivery_retry_max_seconds=3.0)
+    running = start_connector(worker_threads=2, delivery_retry_base_seconds=4.0, delivery_retry_max_seconds=4.0)
     emulator.add_fault(status=503, delay=0.5, times=None, calendar_id=JANE)
     jane_bookings = [f"bkg_jane_{number}" for number in range(6)]
 
@@ -131,10 +131,10 @@ def test_outage_of_one_host_leaves_others_flowing(start_connector, emulator):
     emulator.clear_faults()
     wait_settled(running, timeout=30)
 
-    assert omar_latency < 5.0
     # The first two bookings probe the calendar (two attempts each); the breaker then puts the
-    # other four back without calling it.
+    # other four back without calling it, so omar's booking waits for one probe, not for six.
     assert jane_calls_meanwhile <= 4
+    assert omar_latency < 8.0
     assert_mirrored(emulator, [JANE, OMAR], active=[*jane_bookings, "bkg_omar"])
 
 

@@ -40,7 +40,7 @@ def leaked_values(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_json_lines_carry_delivery_fields_and_no_invitee_details(tmp_path, emulator, google_settings):
+def test_json_log_fields_without_invitee_details(tmp_path, emulator, google_settings):
     env = settings_env(google_settings, LOG_FORMAT="json", LOG_LEVEL="DEBUG")
     emulator.add_fault(method="POST", status=503, reason="backendError", times=1)
     created = signed_delivery("booking.created", private_booking(), "2026-03-16T14:05:00Z", delivery_id="dlv_log_created")
@@ -91,7 +91,7 @@ def served_log(tmp_path) -> str:
     return "".join(path.read_text() for path in tmp_path.glob("serve-*.log"))
 
 
-def test_info_records_hold_no_invitee_details(google_settings, emulator, caplog):
+def test_info_records_without_invitee_details(google_settings, emulator, caplog):
     caplog.set_level(logging.DEBUG)
 
     with running_connector(google_settings) as running:

@@ -103,7 +103,7 @@ def test_metrics_count_each_receive_outcome(tmp_path, emulator, service_account_
     assert value(after, "proximity_failed_deliveries") == 0
 
 
-def test_metrics_count_calendar_errors_and_failures(tmp_path, emulator, service_account_key):
+def test_metrics_count_calendar_failures(tmp_path, emulator, service_account_key):
     settings = google_settings_for(tmp_path, emulator, service_account_key, delivery_max_attempts=1)
     emulator.add_fault(method="POST", status=503, reason="backendError", times=1)
     with running_connector(settings) as running:
@@ -169,7 +169,7 @@ def test_readyz_reports_stalled_worker(tmp_path):
     assert "no delivery has finished yet" in stalled.text
 
 
-def test_readyz_stall_check_can_be_turned_off(tmp_path):
+def test_readyz_stall_check_off(tmp_path):
     with connector_without_worker(make_settings(tmp_path, ready_stall_seconds=0)) as client:
         delivery = signed_delivery("booking.created", booking())
         client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers)
@@ -180,7 +180,7 @@ def test_readyz_stall_check_can_be_turned_off(tmp_path):
     assert response.text == "ready"
 
 
-def test_readyz_ready_while_worker_keeps_up(tmp_path, emulator, service_account_key):
+def test_readyz_ready_while_worker_progresses(tmp_path, emulator, service_account_key):
     settings = google_settings_for(tmp_path, emulator, service_account_key, ready_stall_seconds=0.2)
     with running_connector(settings) as running:
         running.deliver("booking.created", booking())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,9 +14,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Column, Integer, Table, Text, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
+from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 from connector.schema import (
     SchemaError,
@@ -37,7 +39,7 @@ CONNECTOR_TABLES = {"deliveries", "booking_mappings", "booking_leases", "ics_eve
 register_tables()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path: Path) -> str:
     """An empty database: a new SQLite file, or a new PostgreSQL schema."""
     if request.param == "sqlite":
@@ -186,6 +188,7 @@ def test_concurrent_upgrades_both_succeed(engine):
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 @pytest.mark.parametrize("command_name", ["serve", "worker"])
 def test_startup_rejects_out_of_date_postgres(postgres, tmp_path, command_name):
     url = postgres.create()
@@ -198,6 +201,7 @@ def test_startup_rejects_out_of_date_postgres(postgres, tmp_path, command_name):
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
 def test_db_commands_upgrade_postgres(postgres, tmp_path):
     url = postgres.create()
 
@@ -250,3 +254,36 @@ def test_upgrade_sql_renders_without_database(tmp_path):
     for table in sorted(CONNECTOR_TABLES):
         assert f"CREATE TABLE {table} (" in result.stdout
     assert f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}')" in result.stdout
+
+
+def test_new_revision_writes_table_change(tmp_path, monkeypatch):
+    from connector import schema
+
+    versions = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS_DIR, versions, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(schema, "MIGRATIONS_DIR", versions)
+    schema._scripts.cache_clear()
+    probe = Table(
+        "probe_notes",
+        SQLModel.metadata,
+        Column("id", Integer, primary_key=True),
+        Column("note", Text),
+        Column("author", AutoString(length=80)),
+        Column("written_at", UTCDateTime()),
+    )
+    try:
+        path = schema.new_revision("add probe notes")
+        script = path.read_text()
+        head = schema.head_revision()
+    finally:
+        SQLModel.metadata.remove(probe)
+        schema._scripts.cache_clear()
+
+    assert path.name == "0002_add_probe_notes.py"
+    assert head == "0002"
+    assert "down_revision = '0001'" in script
+    assert "op.create_table('probe_notes'" in script
+    assert "op.drop_table('probe_notes')" in script
+    assert "sa.Column('author', sa.String(length=80), nullable=True)" in script
+    assert "sa.Column('written_at', sa.DateTime(timezone=True), nullable=True)" in script
+    assert "sqlmodel" not in script

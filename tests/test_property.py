@@ -199,13 +199,13 @@ def connector(google_connector, emulator):
     return google_connector
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scenario=scenarios())
 def test_calendar_follows_newest_snapshot(connector, emulator, scenario):
     run_scenario(connector, emulator, scenario)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scenario=scenarios(), faults=st.lists(FAULTS, min_size=1, max_size=3))
 def test_calendar_follows_newest_snapshot_under_faults(connector, emulator, scenario, faults):
     run_scenario(connector, emulator, scenario, faults)

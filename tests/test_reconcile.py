@@ -193,7 +193,7 @@ def test_reconcile_fix_repairs_everything_at_once(mirrored, emulator):
     assert mirrored.mapping("bkg_b")["event_id"] == event_id_for("bkg_b", 2)
 
 
-def test_reconcile_event_of_cancelled_booking_is_duplicate(mirrored, emulator):
+def test_reconcile_cancelled_booking_event_duplicate(mirrored, emulator):
     mirrored.deliver("booking.cancelled", booking(id="bkg_c", status="Cancelled"), "2026-03-16T15:00:00Z")
     mirrored.wait_idle()
     emulator.insert_event_directly(JANE, extra_event(event_id_for("bkg_c", 1), "bkg_c"))

@@ -1,9 +1,9 @@
 """Several receiver and worker processes on one PostgreSQL database, against the Calendar emulator.
 
 Each test starts `proximity-sync serve --no-worker` receivers and `proximity-sync worker` processes
-as a user would, sends signed deliveries over HTTP, and then checks the calendar, the deliveries
-table, and an audit that triggers (installed by the test only) keep of every lease change and
-every finished delivery.
+as a user would and sends signed deliveries over HTTP. It then checks the calendar and the
+deliveries table. The concurrency test also checks an audit of every lease change and every
+finished delivery, which triggers installed by the test write.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Deployment:
         self.receivers: list[tuple[str, subprocess.Popen]] = []
 
     def start_receiver(self) -> str:
-        """Start a receiver and return its base URL; `wait_ready` waits until it answers."""
+        """Start a receiver and return its base URL; `wait_ready` waits until it responds."""
         port = free_port()
         process = self._start(f"receiver-{port}", "serve", "--no-worker", "--port", str(port))
         url = f"http://127.0.0.1:{port}"
@@ -170,7 +170,7 @@ class Deployment:
         return url
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until every receiver answers `/readyz` with 200."""
+        """Wait until every receiver responds to `/readyz` with 200."""
         deadline = time.monotonic() + timeout
         for url, process in self.receivers:
             self._wait_ready(url, process, deadline)
@@ -219,7 +219,7 @@ class Deployment:
 
 def send_all(receiver_urls: list[str], sends: list[SignedDelivery], deadline_seconds: float = 120) -> list[tuple[str, str]]:
     """Send each delivery to the receivers in turn, retrying 503s and broken connections as
-    Proximity does; return each delivery's id and the JSON status of its final answer."""
+    Proximity does; return each delivery's id and the JSON status of its final response."""
     deadline = time.monotonic() + deadline_seconds
 
     def send(numbered: tuple[int, SignedDelivery]) -> tuple[str, str]:
@@ -301,7 +301,7 @@ def test_three_workers_two_receivers(database_url, tmp_path, emulator, service_a
             deployment.start_worker()
         receivers = [deployment.start_receiver(), deployment.start_receiver()]
         deployment.wait_ready()
-        answers = send_all(receivers, sends)
+        results = send_all(receivers, sends)
         states = wait_until_finished(audit, expected=len(unique), timeout=120)
     finally:
         exit_codes = deployment.stop()
@@ -319,7 +319,7 @@ def test_three_workers_two_receivers(database_url, tmp_path, emulator, service_a
     requests = emulator.requests
 
     # Every delivery was accepted by exactly one receiver; every resend was a duplicate.
-    statuses = Counter(status for _, status in answers)
+    statuses = Counter(status for _, status in results)
     assert statuses == {"accepted": len(unique), "duplicate": len(duplicates)}
 
     # Every delivery reached a final state, and did so exactly once.
@@ -384,7 +384,7 @@ def test_killed_connections_lose_nothing(postgres, database_url, tmp_path, emula
         deployment.wait_ready()
         killer = threading.Thread(target=kill_connections, daemon=True)
         killer.start()
-        answers = send_all([receiver], sends)
+        results = send_all([receiver], sends)
         time.sleep(1.5)
         stop_killing.set()
         killer.join(10)
@@ -397,9 +397,9 @@ def test_killed_connections_lose_nothing(postgres, database_url, tmp_path, emula
 
     assert len(terminated) >= 3
     assert sum(terminated) >= 3
-    # A commit whose answer was lost with its connection is answered 503, and its resend is a duplicate.
-    assert {status for _, status in answers} <= {"accepted", "duplicate"}
-    assert len(answers) == len(sends)
+    # A commit whose result was lost with its connection gets 503, and its resend is a duplicate.
+    assert {status for _, status in results} <= {"accepted", "duplicate"}
+    assert len(results) == len(sends)
     assert len(states) == len(sends)
     assert set(states.values()) <= FINAL_STATES, Counter(states.values())
     for item in planned:

@@ -36,7 +36,7 @@ def test_send_test_prints_answer_and_event(served, env, emulator):
     result = send_test(served, env, "--wait")
 
     assert result.exit_code == 0, result.output
-    assert "Answer: 200 OK: accepted" in result.stdout
+    assert "Response: 200 OK: accepted" in result.stdout
     event_id = event_id_for("bkg_xyz789", 0)
     assert f"Calendar event: {event_id} in calendar {JANE}" in result.stdout
     assert "  summary: 30 Minute Call with Alex Johnson" in result.stdout
@@ -88,7 +88,7 @@ def test_send_test_refused_with_wrong_secret(served, env, emulator):
     result = send_test(served, {**env, "PROXIMITY_WEBHOOK_SECRET": "not-the-connector-secret"})
 
     assert result.exit_code == 1
-    assert "Answer: 401 Unauthorized" in result.stdout
+    assert "Response: 401 Unauthorized" in result.stdout
     assert "PROXIMITY_WEBHOOK_SECRET differs" in result.stderr
     assert emulator.requests == []
 
@@ -97,7 +97,7 @@ def test_send_test_without_wait_only_sends(served, env):
     result = send_test(served, env)
 
     assert result.exit_code == 0, result.output
-    assert "Answer: 200 OK: accepted" in result.stdout
+    assert "Response: 200 OK: accepted" in result.stdout
     assert "Calendar event" not in result.stdout
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
+from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 from connector.storage import register_tables
 
@@ -16,6 +17,15 @@ register_tables()
 
 config = context.config
 target_metadata = SQLModel.metadata
+
+
+def render_item(kind: str, item: object, _autogen_context) -> str | bool:
+    """Render SQLModel's column types as plain SQLAlchemy ones, so migrations need no sqlmodel import."""
+    if kind == "type" and isinstance(item, AutoString):
+        return f"sa.String(length={item.length})" if item.length else "sa.String()"
+    if kind == "type" and isinstance(item, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 def run_migrations_offline() -> None:
@@ -36,6 +46,7 @@ def run_migrations_online() -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        render_item=render_item,
         # SQLite cannot alter most column properties in place; batch mode copies the table.
         render_as_batch=connection.dialect.name == "sqlite",
     )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import click
 from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from connector.calendars.base import CalendarError, CalendarNotFoundError, Target, TransientCalendarError
 from connector.mappings import Mappings, MappingsError, load_mappings
@@ -78,7 +78,7 @@ class CheckReport:
 @click.option("--host", "hosts", multiple=True, metavar="EMAIL", help="Also check this host's calendar; repeat for several hosts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of lines.")
 def check(hosts: tuple[str, ...], as_json: bool) -> None:
-    """Check the settings, mappings, database and calendar access, and say how to fix each problem."""
+    """Check the settings, mappings, database and calendar access, and print how to fix each problem."""
     for host in hosts:
         if "@" not in host:
             raise click.BadParameter(f"{host!r} is not an email address", param_hint="--host")
@@ -163,8 +163,12 @@ def _check_mappings(report: CheckReport, settings: Settings) -> Mappings | None:
 
 
 def _check_database(report: CheckReport, settings: Settings) -> Engine | None:
-    """Check that the database answers and its schema is usable; return an engine if it answers."""
-    url = make_url(settings.database_url)
+    """Check that the database is reachable and its schema usable; return an engine if it is reachable."""
+    try:
+        url = make_url(settings.database_url)
+    except ArgumentError:
+        report.failed("database", "DATABASE_URL is not a database URL", "set it like sqlite:///proximity-sync.db or postgresql+psycopg://user@host/db")
+        return None
     item = f"database {url.render_as_string(hide_password=True)}"
 
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
@@ -347,9 +351,9 @@ class GoogleAccessCheck:
         timeout = self.settings.call_timeout_seconds
         with make_client(timeout, max_connections=2) as client:
             request = AuthRequest(client, timeout)
-            refused = {user for user in users if not self._token(user, request)}
+            rejected_users = {user for user in users if not self._token(user, request)}
             for target, origins in targets.items():
-                self._read_calendar(target, origins, refused)
+                self._read_calendar(target, origins, rejected_users)
 
     def _acting_users(self, targets: Iterable[Target]) -> list[str | None]:
         """Return the users whose tokens the calls need: the delegated hosts, or the account itself."""
@@ -387,7 +391,7 @@ class GoogleAccessCheck:
             from connector.calendars.google_auth import SCOPE
 
             return (
-                f"Google refused the token ({code}): domain-wide delegation is missing",
+                f"Google rejected the token request ({code}): domain-wide delegation is missing",
                 f"in the {ADMIN_CONSOLE_DELEGATION}, add client ID {credentials.client_id} "
                 f"with the OAuth scope {SCOPE}",
             )
@@ -398,23 +402,23 @@ class GoogleAccessCheck:
             )
         if code == "invalid_grant" and credentials.is_service_account:
             return (
-                f"Google refused the token ({code})",
+                f"Google rejected the token request ({code})",
                 f"check that {user or credentials.principal} is an active user of the Workspace domain, "
                 f"that the key in {credentials.path} is not deleted or disabled, and that this machine's clock is correct",
             )
         if code == "invalid_grant":
             return (
-                f"Google refused the token ({code}): the refresh token is expired or revoked",
+                f"Google rejected the token request ({code}): the refresh token is expired or revoked",
                 f"run the OAuth consent again and replace {credentials.path}",
             )
         return error.message, f"check the credentials file {credentials.path}"
 
-    def _read_calendar(self, target: Target, origins: list[str], refused: set[str | None]) -> None:
+    def _read_calendar(self, target: Target, origins: list[str], rejected_users: set[str | None]) -> None:
         user = self._user_of(target)
         reader = user or self.credentials.principal
         item = f"calendar {target.calendar_id} ({', '.join(origins)})"
 
-        if user in refused:
+        if user in rejected_users:
             self.report.failed(item, f"not read, because {reader} has no access token", "solve the access token problem above first")
             return
 

@@ -1,6 +1,6 @@
 """Finding drift between the mapping table and the calendars, for `proximity-sync reconcile`.
 
-The mapping table says which event each booking has. The calendars are read for the events that
+The mapping table records which event each booking has. The calendars are read for the events that
 carry a `proximityBookingId`, and the two are compared:
 
 - missing: the booking's event is deleted in the calendar, or not there at all;
@@ -9,7 +9,8 @@ carry a `proximityBookingId`, and the two are compared:
 - unknown: an event carries a booking id that the mapping table does not know.
 
 Bookings with pending deliveries or a live lease are skipped, because the worker is about to
-change them.
+change them. Only the calendars that a mapping row or `--host` names are read, so an event in any
+other calendar is not found.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class DriftKind(str, Enum):
-    """How a calendar differs from the mapping table."""
+    """A kind of difference between a calendar and the mapping table."""
 
     MISSING = "missing"
     CHANGED = "changed"
@@ -51,7 +52,7 @@ class Drift:
     """One difference, and after `--fix` what was done about it.
 
     `deletable` marks a duplicate or unknown event whose id the connector derived from a booking
-    id, which proves the connector wrote it; only such events are deleted by `--fix`.
+    id, which proves that the connector wrote it. `--fix` deletes only such events.
     """
 
     kind: DriftKind
@@ -204,9 +205,9 @@ class DriftFinder:
     def changed_fields(self, row: BookingMapping, body: EventBody) -> list[str]:
         """Return the fields the connector writes whose value in the calendar differs.
 
-        A field is unchanged when its digest equals the one stored when it was written, or when
-        it means the same as the newest applied snapshot renders it (the calendar may write a
-        time with another offset, or leave out the default transparency).
+        A field is unchanged when its digest equals the one stored when it was written. It is also
+        unchanged when it means the same as the newest applied snapshot renders it, because the
+        calendar may write a time with another offset or leave out the default transparency.
         """
         written = json.loads(row.field_digests or "{}")
         desired = self.desired_body(row)

@@ -14,20 +14,26 @@ import sys
 from collections import Counter
 from dataclasses import asdict
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy import update
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from connector.calendars.base import CalendarError, RemoteEvent, Target
+from connector.calendars.base import CalendarBackend, CalendarError, RemoteEvent, Target
 from connector.decisions import MappingState, digest_fields
 from connector.envelope import parse_timestamp
 from connector.operator.common import command_settings
 from connector.operator.drift import CalendarScan, Drift, DriftFinder, DriftKind
 from connector.operator.progress import progress
 from connector.queue import acquire_lease, release_lease
+from connector.settings import Settings
 from connector.storage import BookingMapping, Delivery, DeliveryState, utcnow
 from connector.sync import BookingSync
+
+if TYPE_CHECKING:
+    from connector.app import Connector
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ def reconcile(host: str | None, since: str | None, fix: bool, as_json: bool) -> 
     finally:
         connector.close()
 
-    report = _report(scans, drift, compared, finder, fix)
+    report = _report(scans, drift, compared, finder)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -77,7 +83,7 @@ def _parse_since(since: str | None) -> datetime | None:
     return moment
 
 
-def _build_connector(settings, with_worker: bool):
+def _build_connector(settings: Settings, with_worker: bool) -> Connector:
     from connector.app import build_connector
     from connector.calendars.google_auth import CredentialsFileError
     from connector.mappings import MappingsError
@@ -111,7 +117,7 @@ def _find_drift(finder: DriftFinder, show_progress: bool) -> tuple[list[Calendar
 class DriftFixer:
     """Repairs drift: re-applies the newest snapshot through `BookingSync`, deletes extra events."""
 
-    def __init__(self, engine, backend, booking_sync: BookingSync, lease_seconds: float) -> None:
+    def __init__(self, engine: Engine, backend: CalendarBackend, booking_sync: BookingSync, lease_seconds: float) -> None:
         self.engine = engine
         self.backend = backend
         self.booking_sync = booking_sync
@@ -121,7 +127,7 @@ class DriftFixer:
     def fix_all(self, finder: DriftFinder, drift: list[Drift], show_progress: bool) -> None:
         """Fix each booking's drift, deleting extra events before restoring the booking's own.
 
-        Deleting first matters: an extra event may hold the id that re-creating the event would
+        Deleting first matters: an extra event may use the id that re-creating the event would
         take, and the worker adopts a live event under that id instead of writing a new one.
         """
         by_booking: dict[str, list[Drift]] = {}
@@ -192,7 +198,7 @@ class DriftFixer:
         self._record_outcome(item, delivery)
 
     def _calendar_digests(self, item: Drift, row: BookingMapping, finder: DriftFinder) -> dict[str, str]:
-        """Return the digests of the connector's fields as the calendar holds them now.
+        """Return the digests of the connector's fields as the calendar contains them now.
 
         Recorded as what was written, they make BookingSync patch exactly the fields that differ
         from the snapshot, and remove the ones the snapshot no longer has.
@@ -232,7 +238,7 @@ class DriftFixer:
             )
 
 
-def _report(scans: list[CalendarScan], drift: list[Drift], compared: int, finder: DriftFinder, fix: bool) -> dict:
+def _report(scans: list[CalendarScan], drift: list[Drift], compared: int, finder: DriftFinder) -> dict:
     errors = [f"calendar {scan.target.calendar_id} could not be read: {scan.error}" for scan in scans if scan.error]
     errors += finder.errors
     return {

@@ -80,7 +80,7 @@ SAMPLE_BOOKING: dict[str, Any] = {
 )
 @click.option("--host", "host_email", metavar="EMAIL", help="Set the booking's hostEmail, so it goes to this host's calendar.")
 @click.option("--wait", is_flag=True, help="Wait until the worker has applied the delivery, and print the calendar event.")
-@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for the answer, and with --wait for the worker.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for the response, and with --wait for the worker.")
 def send_test(
     url: str,
     event_name: str | None,
@@ -89,7 +89,7 @@ def send_test(
     wait: bool,
     timeout: float,
 ) -> None:
-    """Send a correctly signed sample delivery to a running connector and print its answer.
+    """Send a correctly signed sample delivery to a running connector and print the response.
 
     The sample booking keeps its id, so sending `--event booking.cancelled` afterwards removes
     the test event again.
@@ -116,9 +116,9 @@ def send_test(
 
     response = _post(url, body, headers, timeout)
     click.echo(f"Sent {event_name} for booking {payload['id']} as delivery {delivery_id} to {url}")
-    click.echo(f"Answer: {response.status_code} {response.reason_phrase}: {_answer_text(response)}")
+    click.echo(f"Response: {response.status_code} {response.reason_phrase}: {_response_text(response)}")
     if not response.is_success:
-        click.echo(_refusal_hint(response.status_code), err=True)
+        click.echo(_rejection_hint(response.status_code), err=True)
         sys.exit(1)
 
     if wait:
@@ -153,7 +153,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> htt
         with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client:
             return client.post(url, content=body, headers=headers)
     except httpx.TimeoutException:
-        raise click.ClickException(f"{url} did not answer within {timeout:g} s") from None
+        raise click.ClickException(f"{url} timed out: no response within {timeout:g} s") from None
     except httpx.HTTPError as error:
         raise click.ClickException(
             f"could not send to {url}: {error}. Is the connector running (`proximity-sync serve`)? "
@@ -161,7 +161,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> htt
         ) from None
 
 
-def _answer_text(response: httpx.Response) -> str:
+def _response_text(response: httpx.Response) -> str:
     try:
         document = response.json()
     except ValueError:
@@ -171,7 +171,7 @@ def _answer_text(response: httpx.Response) -> str:
     return str(document)
 
 
-def _refusal_hint(status: int) -> str:
+def _rejection_hint(status: int) -> str:
     if status == 401:
         return (
             "The connector rejected the signature: its PROXIMITY_WEBHOOK_SECRET differs from the one "
@@ -181,7 +181,7 @@ def _refusal_hint(status: int) -> str:
         return "Nothing answers at this path: the webhook URL ends with /webhooks/proximity."
     if status == 503:
         return "The connector cannot store deliveries: its database is unavailable. Run `proximity-sync check`."
-    return "The connector refused the delivery; the answer above says why."
+    return "The connector rejected the delivery; the response above gives the reason."
 
 
 def _wait_for_event(settings: Settings, delivery_id: str, timeout: float) -> int:
