@@ -91,12 +91,17 @@ def connector_environment(workdir: Path, overrides: dict[str, str]) -> dict[str,
 
 
 @contextmanager
-def serve_process(workdir: Path, settings: dict[str, str]) -> Iterator[ServerProcess]:
-    """Run `proximity-sync serve` with the bench secret, a SQLite file in `workdir` and `settings`."""
+def serve_process(workdir: Path, settings: dict[str, str], *, worker: bool = True) -> Iterator[ServerProcess]:
+    """Run `proximity-sync serve` with the bench secret, a SQLite file in `workdir` and `settings`.
+
+    Without `worker`, it runs as `serve --no-worker`: the receiver alone.
+    """
     port = free_port()
     script = Path(sys.executable).with_name("proximity-sync")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "connector.cli"]
     command += ["serve", "--host", LOOPBACK, "--port", str(port)]
+    if not worker:
+        command.append("--no-worker")
     with _running("serve", command, port, workdir, connector_environment(workdir, settings)) as server:
         yield server
 

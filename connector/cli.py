@@ -118,7 +118,8 @@ def worker() -> None:
     stopped = threading.Event()
 
     def request_stop(signum, _frame) -> None:
-        click.echo(f"Received signal {signum}; finishing the bookings in flight.", err=True)
+        name = signal.Signals(signum).name
+        click.echo(f"Received {name}: finishing the calendar calls in flight, then releasing their bookings.", err=True)
         stopped.set()
 
     signal.signal(signal.SIGTERM, request_stop)

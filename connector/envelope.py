@@ -34,6 +34,12 @@ EVENT_RANK = {
 }
 
 
+# Column sizes of the deliveries table. PostgreSQL enforces them, so longer values are rejected
+# here with 400 rather than failing the insert, which would answer 503 for ever.
+MAX_EVENT_LENGTH = 100
+MAX_ID_LENGTH = 200
+
+
 class EnvelopeError(ValueError):
     """The body is not a Proximity envelope; the message says which part is wrong."""
 
@@ -73,6 +79,8 @@ def parse_envelope(body: bytes, header_event: str | None = None) -> Envelope:
     event = document.get("event")
     if not isinstance(event, str) or not event:
         raise EnvelopeError("envelope has no event name")
+    if len(event) > MAX_EVENT_LENGTH or not event.isprintable():
+        raise EnvelopeError(f"envelope event name is not printable text of at most {MAX_EVENT_LENGTH} characters")
     if header_event and header_event.strip() and header_event.strip() != event:
         raise EnvelopeError(f"X-Webhook-Event {header_event.strip()!r} contradicts the body's event {event!r}")
 
@@ -92,8 +100,20 @@ def parse_envelope(body: bytes, header_event: str | None = None) -> Envelope:
         raise EnvelopeError(f"{event} payload has no booking id")
     if not isinstance(booking_id, str) or not booking_id.strip():
         booking_id = None
+    elif len(booking_id) > MAX_ID_LENGTH or not booking_id.isprintable():
+        raise EnvelopeError(f"payload id is not printable text of at most {MAX_ID_LENGTH} characters")
 
     return Envelope(event=event, version=version, payload=payload, booking_id=booking_id)
+
+
+def check_delivery_id(delivery_id: str | None) -> str:
+    """Return the X-Webhook-Delivery value, or raise EnvelopeError if it is missing or unusable."""
+    value = (delivery_id or "").strip()
+    if not value:
+        raise EnvelopeError("missing X-Webhook-Delivery header")
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise EnvelopeError(f"X-Webhook-Delivery is not printable text of at most {MAX_ID_LENGTH} characters")
+    return value
 
 
 def parse_timestamp(text: str) -> datetime | None:

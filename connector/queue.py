@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -19,7 +20,7 @@ from sqlmodel import select as sqlmodel_select
 
 from connector.calendars.base import Target
 from connector.decisions import CurrentEvent, MappingState, is_newer
-from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, utcnow
+from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, read_only, utcnow
 
 
 class LeaseLostError(RuntimeError):
@@ -35,26 +36,42 @@ def find_due_bookings(engine: Engine, limit: int, exclude: set[str] | frozenset[
     now = utcnow()
     live_lease = select(BookingLease.booking_id).where(BookingLease.expires_at > now)
     query = (
-        select(Delivery.booking_id)
+        select(Delivery.booking_id, Delivery.next_attempt_at, Delivery.id)
         .where(
             Delivery.state == DeliveryState.PENDING,
             Delivery.next_attempt_at <= now,
             Delivery.booking_id.is_not(None),
             Delivery.booking_id.not_in(live_lease),
         )
-        .group_by(Delivery.booking_id)
-        .order_by(func.min(Delivery.next_attempt_at))
-        .limit(limit + len(exclude))
+        .order_by(Delivery.next_attempt_at, Delivery.id)
     )
-    with engine.begin() as connection:
-        booking_ids = connection.execute(query).scalars().all()
-    return [booking_id for booking_id in booking_ids if booking_id not in exclude][:limit]
+
+    # Deliveries are read in due order through the `ix_deliveries_due` index, a page at a time,
+    # until `limit` bookings are found: a booking's first delivery in that order is its longest
+    # due one. Grouping all pending deliveries by booking instead made every call cost time in
+    # proportion to the whole backlog.
+    page_size = max(64, 4 * (limit + len(exclude)))
+    found: list[str] = []
+    seen = set(exclude)
+    with read_only(engine).begin() as connection:
+        after: tuple[datetime, int] | None = None
+        while len(found) < limit:
+            page_query = query if after is None else query.where(tuple_(Delivery.next_attempt_at, Delivery.id) > after)
+            rows = connection.execute(page_query.limit(page_size)).all()
+            for booking_id, _, _ in rows:
+                if booking_id not in seen:
+                    seen.add(booking_id)
+                    found.append(booking_id)
+            if len(rows) < page_size:
+                break
+            after = (rows[-1].next_attempt_at, rows[-1].id)
+    return found[:limit]
 
 
 def next_due_time(engine: Engine) -> datetime | None:
     """Return when the earliest waiting delivery becomes due, if any is waiting."""
     query = select(func.min(Delivery.next_attempt_at)).where(Delivery.state == DeliveryState.PENDING)
-    with engine.begin() as connection:
+    with read_only(engine).begin() as connection:
         return connection.execute(query).scalar()
 
 
@@ -71,17 +88,17 @@ def acquire_lease(engine: Engine, booking_id: str, owner: str, seconds: float) -
     """
     now = utcnow()
     expires_at = now + timedelta(seconds=seconds)
-    with engine.begin() as connection:
-        taken = connection.execute(
-            update(BookingLease)
-            .where(BookingLease.booking_id == booking_id, BookingLease.expires_at <= now)
-            .values(owner=owner, expires_at=expires_at)
-        ).rowcount
-    if taken:
-        return True
-
+    # One transaction for both statements: each transaction costs a commit, and the worker takes a
+    # lease for every booking it syncs.
     try:
         with engine.begin() as connection:
+            taken = connection.execute(
+                update(BookingLease)
+                .where(BookingLease.booking_id == booking_id, BookingLease.expires_at <= now)
+                .values(owner=owner, expires_at=expires_at)
+            ).rowcount
+            if taken:
+                return True
             connection.execute(
                 BookingLease.__table__.insert().values(booking_id=booking_id, owner=owner, expires_at=expires_at)
             )
@@ -128,7 +145,7 @@ def load_pending(engine: Engine, booking_id: str) -> list[Delivery]:
         .where(Delivery.booking_id == booking_id, Delivery.state == DeliveryState.PENDING)
         .order_by(Delivery.version, Delivery.rank, Delivery.id)
     )
-    with Session(engine, expire_on_commit=False) as session:
+    with Session(read_only(engine), expire_on_commit=False) as session:
         deliveries = list(session.exec(query).all())
         session.expunge_all()
     return deliveries
@@ -136,7 +153,7 @@ def load_pending(engine: Engine, booking_id: str) -> list[Delivery]:
 
 def load_current(engine: Engine, booking_id: str) -> CurrentEvent:
     """Return what the mapping table says is in the calendar for a booking."""
-    with Session(engine) as session:
+    with Session(read_only(engine)) as session:
         mapping = session.get(BookingMapping, booking_id)
     return to_current(mapping)
 
@@ -196,16 +213,36 @@ def write_mapping(session: Session, change: MappingUpdate) -> None:
     session.add(mapping)
 
 
-def record_insert_intent(engine: Engine, booking_id: str, target: Target, event_id: str, generation: int) -> None:
+# Mapping rows as they were before `record_insert_intent` changed them: column values by booking
+# id, or None for a booking that had no row.
+SavedMappings = dict[str, dict[str, Any] | None]
+
+
+def record_insert_intent(
+    engine: Engine,
+    booking_id: str,
+    target: Target,
+    event_id: str,
+    generation: int,
+    predecessor_id: str | None = None,
+) -> SavedMappings:
     """Record, before an insert is sent, that the booking's event may now exist under `event_id`.
 
-    The row says the event is live but keeps the applied version, so the snapshot being applied
-    is still newer next time, and forgets the field digests, so that next time every field is
+    The row marks the event live but keeps the applied version, so the snapshot being applied
+    is still newer next time. It drops the field digests, so that next time every field is
     written. If the insert's response is lost, or the worker dies, the next sync of the booking,
     or of a booking rescheduled from it, finds the event instead of creating a second one. If the
     insert was never stored, that sync learns so from the calendar (404) and inserts the same id.
+
+    A `predecessor_id` (the booking this one was rescheduled from) is marked carried over in the
+    same transaction, so that its own later snapshots cannot create an event beside this one.
+    Returns the rows as they were, for `restore_mappings` once the insert failed for certain.
     """
     with Session(engine) as session:
+        saved = {
+            saved_id: _column_values(session.get(BookingMapping, saved_id))
+            for saved_id in (booking_id, predecessor_id) if saved_id is not None
+        }
         mapping = session.get(BookingMapping, booking_id) or BookingMapping(booking_id=booking_id, version=None)
         mapping.state = MappingState.LIVE.value
         mapping.calendar_id = target.calendar_id
@@ -216,7 +253,32 @@ def record_insert_intent(engine: Engine, booking_id: str, target: Target, event_
         mapping.event_digest = None
         mapping.updated_at = utcnow()
         session.add(mapping)
+        if predecessor_id is not None:
+            write_mapping(session, carried_over(predecessor_id, booking_id))
         session.commit()
+    return saved
+
+
+def restore_mappings(engine: Engine, saved: SavedMappings) -> None:
+    """Put mapping rows back as `record_insert_intent` found them."""
+    with Session(engine) as session:
+        for booking_id, values in saved.items():
+            mapping = session.get(BookingMapping, booking_id)
+            if values is None:
+                if mapping is not None:
+                    session.delete(mapping)
+                continue
+            mapping = mapping or BookingMapping(booking_id=booking_id)
+            for column, value in values.items():
+                setattr(mapping, column, value)
+            session.add(mapping)
+        session.commit()
+
+
+def _column_values(mapping: BookingMapping | None) -> dict[str, Any] | None:
+    if mapping is None:
+        return None
+    return {column: getattr(mapping, column) for column in BookingMapping.__table__.columns.keys()}
 
 
 def unsettled_since(engine: Engine, booking_id: str) -> datetime | None:
@@ -230,8 +292,24 @@ def unsettled_since(engine: Engine, booking_id: str) -> datetime | None:
         Delivery.state == DeliveryState.PENDING,
         Delivery.last_error.is_not(None),
     )
-    with engine.begin() as connection:
+    with read_only(engine).begin() as connection:
         return connection.execute(query).scalar()
+
+
+def carried_over(booking_id: str, successor_id: str) -> MappingUpdate:
+    """Return the mapping of a booking whose event now belongs to the booking rescheduled from it."""
+    return MappingUpdate(
+        booking_id=booking_id,
+        state=MappingState.CARRIED_OVER,
+        target=None,
+        event_id=None,
+        generation=0,
+        version=None,
+        rank=0,
+        field_digests={},
+        event_digest=None,
+        carried_to=successor_id,
+    )
 
 
 def finish_deliveries(session: Session, outcomes: dict[int, tuple[str, str]]) -> None:
@@ -242,6 +320,7 @@ def finish_deliveries(session: Session, outcomes: dict[int, tuple[str, str]]) ->
             update(Delivery)
             .where(Delivery.id == row_id)
             .values(state=state, outcome=outcome, finished_at=now, last_error=None if state != DeliveryState.FAILED else outcome)
+            .execution_options(synchronize_session=False)
         )
 
 
@@ -255,6 +334,9 @@ def supersede_failed(session: Session, booking_id: str, version: str, rank: int,
             or_(Delivery.version < version, and_(Delivery.version == version, Delivery.rank <= rank)),
         )
         .values(state=DeliveryState.STALE, outcome=f"superseded by delivery {by_delivery}", finished_at=utcnow())
+        # The session holds no Delivery objects to update, and matching its objects against this
+        # WHERE clause in Python cost more than the UPDATE itself.
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -272,7 +354,7 @@ def schedule_retry(session: Session, row_id: int, error: str, delay_seconds: flo
 
 @dataclass(frozen=True)
 class ReplayResult:
-    """What `replay_delivery` did with one delivery, in words for the operator."""
+    """The outcome of `replay_delivery` for one delivery, in words for the operator."""
 
     delivery_id: str
     queued: bool

@@ -1,6 +1,6 @@
 """Retention of stored deliveries: when raw payloads are cleared and delivery records deleted.
 
-A finished delivery (applied, stale or ignored) keeps its raw body, which holds the invitee's
+A finished delivery (applied, stale or ignored) keeps its raw body, which contains the invitee's
 details, for `payload_days` after it finished, and its record (delivery id and body digest, the
 memory that recognises Proximity's retries and replays) for `delivery_days`.
 
@@ -54,7 +54,7 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What one prune did, and the cut-off times it used."""
+    """The counts of one prune, and the cut-off times it used."""
 
     payloads_cleared: int
     deliveries_deleted: int

@@ -18,6 +18,10 @@ from sqlmodel import Field, SQLModel, create_engine
 POSTGRESQL_CONNECT_TIMEOUT_SECONDS = 10
 
 
+# The execution option that `read_only` sets, read by the SQLite `begin` listener.
+SQLITE_READ_ONLY_OPTION = "proximity_read_only"
+
+
 def utcnow() -> datetime:
     """Return the current time as an aware UTC datetime."""
     return datetime.now(UTC)
@@ -134,10 +138,22 @@ def _configure_sqlite(connection, _record) -> None:
     cursor.close()
 
 
+def read_only(engine: Engine) -> Engine:
+    """Return the engine for transactions that only read; on SQLite they take no write lock.
+
+    In WAL mode a reader sees the last commit and never waits for the writer, so a read that
+    took the write lock only made every writer, the receiver's inserts included, wait for it.
+    """
+    return engine.execution_options(**{SQLITE_READ_ONLY_OPTION: True})
+
+
 def _begin_immediate(connection) -> None:
     # A deferred SQLite transaction that reads and then writes can fail at once with "database is
     # locked" when another writer committed in between; taking the write lock up front makes it
-    # wait for the busy timeout instead.
+    # wait for the busy timeout instead. A transaction that only reads needs no lock.
+    if connection.get_execution_options().get(SQLITE_READ_ONLY_OPTION):
+        connection.exec_driver_sql("BEGIN")
+        return
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

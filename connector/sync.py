@@ -37,6 +37,7 @@ from connector.calendars.base import (
     EventAlreadyExistsError,
     EventBody,
     EventGoneError,
+    PermanentCalendarError,
     RateLimitedError,
     Target,
     TransientCalendarError,
@@ -62,12 +63,14 @@ from connector.event_content import RenderedText, build_event_body
 from connector.queue import (
     MappingUpdate,
     acquire_lease,
+    carried_over,
     finish_deliveries,
     load_current,
     load_pending,
     record_insert_intent,
     release_lease,
     renew_lease,
+    restore_mappings,
     schedule_retry,
     supersede_failed,
     unsettled_since,
@@ -146,7 +149,7 @@ class DeliveryBackoff:
     def shortest_span(self) -> float:
         """Return the least time from a delivery's first attempt to its last, with every jitter at its lowest.
 
-        An outage shorter than this never fails a delivery.
+        A delivery whose calendar recovers within this time is applied rather than failed.
         """
         return sum(self._ceiling(attempts) / 2 for attempts in range(1, self.max_attempts))
 
@@ -158,9 +161,9 @@ class CalendarBreaker:
     """Pauses the calls to a calendar for a while after a call to it failed transiently.
 
     While one calendar is down, the other bookings routed to it are put back at once instead of
-    each spending its in-call retries, so the worker's threads stay free for other calendars and
-    the failing calendar gets one probe per pause instead of a call per booking. The pauses live
-    in memory: losing them on a restart costs a few calls, never a delivery.
+    each spending its in-call retries. The worker's threads stay free for other calendars, and the
+    failing calendar gets one probe per pause instead of a call per booking. The pauses live in
+    memory, so losing them on a restart costs a few calls, never a delivery.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -333,9 +336,9 @@ class BookingSync:
         with self._lock:
             self._predecessor_leases.add(predecessor_id)
 
-        # A predecessor whose last sync failed may hold an event the mapping does not show yet
-        # (an insert into a new host's calendar whose response was lost); taking over its old
-        # event now would leave that one behind, so its own retry goes first.
+        # A predecessor whose last sync failed may have an event that its mapping does not name
+        # yet, such as an insert whose response was lost. Taking over its old event now would
+        # leave that one behind, so the predecessor's own retry goes first.
         retry_at = unsettled_since(self.engine, predecessor_id)
         if retry_at is not None:
             with self._lock:
@@ -399,7 +402,7 @@ class BookingSync:
             result, outcome = self._move(snapshot, base, desired)
         else:
             generation = base.generation + 1 if base.event_id else base.generation
-            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body, intent=True)
+            event_id, generation = self._insert(desired.target, snapshot, generation, desired.body, intent=True)
             outcome = f"created event {event_id} in {desired.target.calendar_id}"
             result = self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body)
 
@@ -410,10 +413,10 @@ class BookingSync:
             self.backend.patch_event(desired.target, base.event_id, changes)
         except EventGoneError as error:
             # The host deleted the event by hand, and a deleted id can never be written again, so
-            # the booking gets the next generation. An id the calendar does not know (404) was
-            # never created, after an insert that failed with its outcome unknown, so it is tried again.
+            # the booking gets the next generation. A 404 means the id was never used: an insert
+            # whose outcome was unknown did not happen, so the same id is inserted now.
             generation = base.generation if error.status == 404 else base.generation + 1
-            event_id, generation = self._insert(desired.target, snapshot.booking_id, generation, desired.body, intent=True)
+            event_id, generation = self._insert(desired.target, snapshot, generation, desired.body, intent=True)
             outcome = f"re-created event {event_id} in {desired.target.calendar_id} (the previous one was not in the calendar)"
             return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
 
@@ -422,31 +425,45 @@ class BookingSync:
         return self._mapping(snapshot, base, MappingState.LIVE, desired.target, base.event_id, base.generation, desired.body), outcome
 
     def _move(self, snapshot: Snapshot, base: CurrentEvent, desired: Desired):
-        # The new calendar's event is written first, so a crash in between leaves the booking
-        # visible; the next run adopts the new event (same id) and deletes the old one again.
-        event_id, generation = self._insert(desired.target, snapshot.booking_id, base.generation + 1, desired.body)
+        # The old event is deleted before the new one is written, so that the mapping can name
+        # the new one before its insert is sent. Whatever happens to that insert, no later change
+        # of the booking leaves an event behind. The cost: while the insert keeps failing, the
+        # booking is in neither calendar.
         self.backend.delete_event(base.target, base.event_id)
+        event_id, generation = self._insert(desired.target, snapshot, base.generation + 1, desired.body, intent=True)
         outcome = f"moved event from {base.target.calendar_id} to {desired.target.calendar_id} as {event_id}"
         return self._mapping(snapshot, base, MappingState.LIVE, desired.target, event_id, generation, desired.body), outcome
 
     def _insert(
-        self, target: Target, booking_id: str, generation: int, body: EventBody, *, intent: bool = False
+        self, target: Target, snapshot: Snapshot, generation: int, body: EventBody, *, intent: bool = False
     ) -> tuple[str, int]:
-        """Insert the event under the first free generation; adopt a live one already there.
+        """Insert the booking's event under the first free generation; adopt a live one already there.
 
         With `intent`, each id is recorded in the booking's mapping before it is sent (see
-        `record_insert_intent`); a move leaves it off, because its mapping still names the old
-        event, which is live until the move deletes it.
+        `record_insert_intent`). The record replaces the booking's mapping and marks the booking it
+        was rescheduled from as carried over, so callers ask for it only when neither has a live
+        event any more.
         """
+        booking_id = snapshot.booking_id
+        saved = None
         for _ in range(MAX_GENERATION_BUMPS):
             event_id = event_id_for(booking_id, generation)
             if intent:
-                record_insert_intent(self.engine, booking_id, target, event_id, generation)
+                recorded = record_insert_intent(
+                    self.engine, booking_id, target, event_id, generation, snapshot.rescheduled_from
+                )
+                saved = saved or recorded
             try:
                 self.backend.insert_event(target, event_id, body)
                 return event_id, generation
             except EventAlreadyExistsError:
                 existing = self.backend.get_event(target, event_id)
+            except PermanentCalendarError:
+                # The calendar refused the insert and stored nothing, so the mapping rows go back to
+                # what they were. A transient error keeps the record, because the outcome is unknown.
+                if saved is not None:
+                    restore_mappings(self.engine, saved)
+                raise
 
             if existing is not None and existing.is_live:
                 log.info("booking %s: adopted existing event %s in %s", booking_id, event_id, target.calendar_id)
@@ -489,20 +506,7 @@ class BookingSync:
 
         # From now on the predecessor's own snapshots change nothing: a late create of it must not
         # add a second event, and its cancellation must not remove the carried-over one.
-
-        tombstone = MappingUpdate(
-            booking_id=predecessor_id,
-            state=MappingState.CARRIED_OVER,
-            target=None,
-            event_id=None,
-            generation=0,
-            version=None,
-            rank=0,
-            field_digests={},
-            event_digest=None,
-            carried_to=snapshot.booking_id,
-        )
-        return Applied(result, tombstone, outcome)
+        return Applied(result, carried_over(predecessor_id, snapshot.booking_id), outcome)
 
     def _record(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied) -> None:
         state = DeliveryState.STALE if applied.mapping is None else DeliveryState.APPLIED

@@ -36,8 +36,8 @@ class ShutdownRequested(Exception):
 class StopSignal:
     """The worker's stop flag, which also cuts short the waits of calendar calls.
 
-    Its `sleep` replaces `time.sleep` in the retry policy and the pacer, so a worker told to stop
-    does not sit out a backoff first.
+    Its `sleep` replaces `time.sleep` in the retry policy and the pacer, so a stopping worker does
+    not wait out a backoff first.
     """
 
     def __init__(self) -> None:

@@ -166,6 +166,7 @@ def test_repeat_after_apply_costs_no_call(google_connector, emulator):
         ({"X-Webhook-Signature": ""}, 401),
         ({"X-Webhook-Event": "booking.cancelled"}, 400),
         ({"X-Webhook-Delivery": ""}, 400),
+        ({"X-Webhook-Delivery": "d" * 201}, 400),
     ],
 )
 def test_refused_delivery_changes_nothing(google_connector, emulator, change, status):

@@ -131,8 +131,8 @@ def test_outage_of_one_host_leaves_others_flowing(start_connector, emulator):
     emulator.clear_faults()
     wait_settled(running, timeout=30)
 
-    # The first two bookings probe the calendar (two attempts each); the breaker then puts the
-    # other four back without calling it, so omar's booking waits for one probe, not for six.
+    # The first two bookings probe the calendar, with two attempts each. The breaker then puts
+    # the other four back without calling it, so omar's booking waits for one probe, not six.
     assert jane_calls_meanwhile <= 4
     assert omar_latency < 8.0
     assert_mirrored(emulator, [JANE, OMAR], active=[*jane_bookings, "bkg_omar"])
@@ -182,6 +182,8 @@ def test_permanent_error_fails_at_once(start_connector, emulator, fault, calls_m
     assert fault["message"] in delivery["last_error"]
     assert f"(calendar {JANE})" in delivery["last_error"]
     assert len(calls(emulator)) == calls_made
+    # The refused insert stored nothing, so the mapping names no event either.
+    assert running.mapping("bkg_xyz789") is None
     assert_mirrored(emulator, [JANE], active=[], removed=["bkg_xyz789"])
 
 
@@ -237,7 +239,7 @@ def test_rate_limit_waits_retry_after_and_never_fails(start_connector, emulator,
     assert_mirrored(emulator, [JANE], active=["bkg_xyz789"])
 
 
-def test_quota_exceeded_is_not_retried_in_a_tight_loop(start_connector, emulator):
+def test_quota_exceeded_waits_long(start_connector, emulator):
     running = start_connector()
     emulator.add_fault("POST", status=403, reason="quotaExceeded", message="Calendar usage limits exceeded.",
                        times=None, calendar_id=JANE)
@@ -429,3 +431,57 @@ def test_create_and_cancel_during_outage_leave_nothing(start_connector, emulator
 
     assert sorted(row["state"] for row in running.deliveries()) == ["applied", "stale"]
     assert emulator.events(JANE, include_deleted=True) == []
+
+
+def test_lost_insert_before_new_id_reschedule(start_connector, emulator):
+    running = start_connector(delivery_retry_base_seconds=1.0, delivery_retry_max_seconds=1.0)
+    emulator.add_fault("POST", status=503, after_commit=True, times=2, calendar_id=JANE)
+    running.deliver("booking.created", booking(id="bkg_old"), "2026-03-16T14:05:00Z")
+    wait_until(lambda: running.deliveries("bkg_old")[0]["attempts"] == 1, 10, "the insert's responses were lost")
+
+    # Omar's calendar is not paused by the failures in Jane's, so only the mapping can tell the
+    # new booking that the old one's event may exist.
+    successor = booking(id="bkg_new", rescheduledFrom="bkg_old", startTime="2026-03-20T08:00:00Z",
+                        endTime="2026-03-20T08:30:00Z", **OMAR_HOST)
+    running.deliver("booking.rescheduled", successor, "2026-03-16T15:00:00Z")
+    wait_settled(running)
+
+    events = emulator.events(OMAR)
+    assert emulator.events(JANE) == []
+    assert len(events) == 1
+    assert events[0]["start"]["dateTime"] == "2026-03-20T08:00:00Z"
+    assert running.mapping("bkg_old")["state"] == "carried_over"
+    assert_mirrored(emulator, [JANE, OMAR], active=["bkg_new"], removed=["bkg_old"])
+
+
+def test_lost_move_insert_before_cancel(start_connector, emulator):
+    running = start_connector(delivery_retry_base_seconds=1.0, delivery_retry_max_seconds=1.0)
+    running.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    wait_settled(running)
+    emulator.add_fault("POST", status=503, after_commit=True, times=2, calendar_id=OMAR)
+    running.deliver("booking.rescheduled", booking(**OMAR_HOST), "2026-03-16T15:00:00Z")
+    wait_until(lambda: running.deliveries()[-1]["attempts"] == 1, 10, "the move's insert responses were lost")
+
+    running.deliver("booking.cancelled", booking(status="Cancelled", **OMAR_HOST), "2026-03-16T16:00:00Z")
+    wait_settled(running)
+
+    assert emulator.events(JANE) == []
+    assert emulator.events(OMAR) == []
+    assert running.mapping("bkg_xyz789")["state"] == "deleted"
+
+
+def test_refused_recreate_keeps_deleted_mapping(start_connector, emulator):
+    running = start_connector()
+    running.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    wait_settled(running)
+    running.deliver("booking.cancelled", booking(status="Cancelled"), "2026-03-16T14:10:00Z")
+    wait_settled(running)
+    deleted = running.mapping("bkg_xyz789")
+    emulator.add_fault("POST", status=403, reason="forbidden", times=1)
+
+    running.deliver("booking.rescheduled", booking(), "2026-03-16T14:20:00Z")
+    wait_settled(running)
+
+    assert running.deliveries()[-1]["state"] == "failed"
+    assert running.mapping("bkg_xyz789") == deleted
+    assert_mirrored(emulator, [JANE], active=[], removed=["bkg_xyz789"])

@@ -373,3 +373,22 @@ def test_terminated_connections_reconnect(postgres, postgres_url, tmp_path):
     assert second.json()["status"] == "accepted"
     assert applied
     assert server_alive == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "delivery_id", "booking_id"),
+    [
+        ("booking.created", "d" * 201, "bkg_long_delivery_id"),
+        ("booking." + "x" * 100, "dlv_long_event", "bkg_long_event"),
+        ("booking.created", "dlv_nul_booking_id", "bkg_\u0000nul"),
+    ],
+    ids=["delivery-id-over-200", "event-over-100", "nul-in-booking-id"],
+)
+def test_unstorable_delivery_rejected_with_400(postgres_url, tmp_path, event, delivery_id, booking_id):
+    # SQLite stores such values as they are; PostgreSQL enforces VARCHAR lengths and rejects NUL
+    # characters, and a delivery that can never be stored must not get 503 forever.
+    settings = settings_for(postgres_url, tmp_path)
+    with ReceiverClient(build_connector(settings, with_worker=False)) as receiver:
+        response = receiver.send(signed_delivery(event, booking(id=booking_id), delivery_id=delivery_id))
+
+    assert response.status_code == 400

@@ -1,5 +1,5 @@
-"""Property: whatever the order, duplicates and transient calendar faults, each calendar ends as the
-newest snapshot of each booking says.
+"""Property: whatever the order, duplicates and transient calendar faults, each calendar ends with the
+event that the newest snapshot of each booking calls for.
 
 Hypothesis draws a few bookings, each a history of snapshots (some rescheduled into a new booking
 id), sends them in a random order with random duplicates, optionally under random faults before or
