@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import signal
 import sys
@@ -55,13 +56,30 @@ def _connector(settings: Settings, with_worker: bool):
         raise click.ClickException(str(error)) from None
 
 
-def _engine(settings: Settings):
+def _engine(settings: Settings, *, must_exist: bool = False):
+    """Open the database; with `must_exist`, refuse to create a new SQLite file for a read-only command."""
+    if must_exist:
+        _require_existing_sqlite_file(settings.database_url)
     engine = make_engine(settings.database_url, pool_size=2)
     try:
         prepare_schema(engine)
     except SchemaError as error:
         raise click.ClickException(str(error)) from None
     return engine
+
+
+def _require_existing_sqlite_file(database_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    path = Path(url.database)
+    if not path.exists():
+        raise click.ClickException(
+            f"no database at {path.resolve()}; run this command in the folder where the connector runs, "
+            "or set DATABASE_URL to its database"
+        )
 
 
 @click.group()
@@ -136,7 +154,7 @@ def worker() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def deliveries(state: str | None, booking_id: str | None, limit: int, as_json: bool) -> None:
     """List stored deliveries: state, attempts, next attempt, and the last error or outcome."""
-    engine = _engine(_settings())
+    engine = _engine(_settings(), must_exist=True)
     query = (
         select(Delivery, BookingMapping.calendar_id, BookingMapping.event_id)
         .outerjoin(BookingMapping, BookingMapping.booking_id == Delivery.booking_id)
@@ -234,7 +252,7 @@ def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, 
         if failed_since is None:
             raise click.BadParameter(f"{since!r} is not an ISO 8601 time, such as 2026-03-16T14:00:00Z", param_hint="--since")
 
-    engine = _engine(_settings())
+    engine = _engine(_settings(), must_exist=True)
     conditions = []
     if delivery_ids:
         conditions.append(Delivery.delivery_id.in_(delivery_ids))
@@ -278,7 +296,7 @@ def prune(as_json: bool) -> None:
     event is live, until the booking is over.
     """
     settings = _settings()
-    engine = _engine(settings)
+    engine = _engine(settings, must_exist=True)
     report = run_prune(engine, RetentionPolicy(settings.payload_retention_days, settings.delivery_retention_days))
     if as_json:
         _echo_json({
@@ -297,7 +315,7 @@ def prune(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def booking(booking_id: str, as_json: bool) -> None:
     """Show a booking's calendar event and the deliveries applied to it."""
-    engine = _engine(_settings())
+    engine = _engine(_settings(), must_exist=True)
     with Session(engine) as session:
         mapping = session.get(BookingMapping, booking_id)
         rows = [
@@ -340,6 +358,31 @@ main.add_command(db)
 main.add_command(check)
 main.add_command(send_test)
 main.add_command(reconcile)
+
+
+@main.command()
+@click.option("--base-url", help="Base URL the connector is reached at; default PUBLIC_URL, else http://127.0.0.1:8000.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def feeds(base_url: str | None, as_json: bool) -> None:
+    """List the iCalendar feed URL of every calendar the embedded backend has written."""
+    from connector.calendars.ics import IcsCalendar, feed_url
+
+    settings = _settings()
+    engine = _engine(settings, must_exist=True)
+    base = base_url or settings.public_url or "http://127.0.0.1:8000"
+    rows = [
+        {"calendar": calendar_id, "url": feed_url(base, token)}
+        for calendar_id, token in IcsCalendar(engine).feeds()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+
+    if not rows:
+        click.echo("No feeds yet: a calendar's feed is created with its first event.")
+    for row in rows:
+        click.echo(f"{row['calendar']}: {row['url']}")
+
 
 if __name__ == "__main__":
     main()

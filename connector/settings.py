@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     def _lowercase_log_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError("is not a database URL; use sqlite:///FILE or postgresql+psycopg://USER@HOST/DB") from None
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError(f"names {url.get_backend_name()!r}; only sqlite and postgresql are supported")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_log_level(cls, value: str) -> str:
@@ -119,6 +133,10 @@ def load_settings(**overrides: object) -> Settings:
             "GOOGLE_CREDENTIALS_FILE is not set, but CALENDAR_BACKEND is google: "
             "set it to a service-account key or authorized-user JSON file."
         )
+    if "mappings_dir" in settings.model_fields_set and not settings.mappings_dir.is_dir():
+        raise SettingsError(
+            f"MAPPINGS_DIR {settings.mappings_dir} is not a folder; create it, or unset MAPPINGS_DIR to use ./mappings."
+        )
     if settings.google_credentials_file and not settings.google_credentials_file.is_file():
         raise SettingsError(
             f"GOOGLE_CREDENTIALS_FILE {settings.google_credentials_file} does not exist or is not a file."
@@ -131,7 +149,8 @@ def _describe_validation_error(error: ValidationError) -> str:
     for problem in error.errors():
         name = "_".join(str(part) for part in problem["loc"]).upper() or "settings"
         value = problem.get("input")
-        hidden = "SECRET" in name or isinstance(value, dict) or value is None
+        hidden = name in {"PROXIMITY_WEBHOOK_SECRET", "DATABASE_URL"} or isinstance(value, dict) or value is None
         shown = "" if hidden else f" (got {value!r})"
-        sentences.append(f"{name} is invalid{shown}: {problem['msg']}.")
+        message = problem["msg"].removeprefix("Value error, ")
+        sentences.append(f"{name} is invalid{shown}: {message}.")
     return " ".join(sentences)

@@ -15,7 +15,7 @@ from tests.support import (
     postgres_unreachable_reason,
     require_postgres,
     running_connector,
-    test_settings,
+    connector_settings,
 )
 
 pytest_plugins = ["tests.emulator.fixtures"]
@@ -69,7 +69,7 @@ def postgres(postgres_schemas: PostgresSchemas | None) -> Iterator[PostgresSchem
 @pytest.fixture
 def google_settings(tmp_path: Path, emulator, service_account_key):
     """Settings for a connector writing to the emulator through the real Google client."""
-    return test_settings(
+    return connector_settings(
         tmp_path,
         calendar_backend="google",
         google_credentials_file=service_account_key,
@@ -87,7 +87,7 @@ def google_connector(google_settings) -> Iterator[RunningConnector]:
 @pytest.fixture
 def ics_connector(tmp_path: Path) -> Iterator[RunningConnector]:
     """A running connector on its embedded defaults: SQLite and the iCalendar feed."""
-    with running_connector(test_settings(tmp_path)) as running:
+    with running_connector(connector_settings(tmp_path)) as running:
         yield running
 
 
@@ -122,5 +122,5 @@ def mirror(request, tmp_path: Path) -> Iterator[Mirror]:
         with running_connector(settings) as running:
             yield Mirror(running, emulator)
     else:
-        with running_connector(test_settings(tmp_path)) as running:
+        with running_connector(connector_settings(tmp_path)) as running:
             yield Mirror(running)

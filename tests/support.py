@@ -100,7 +100,7 @@ def signed_delivery(
     return SignedDelivery(body, headers)
 
 
-def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+def connector_settings(tmp_path: Path, **overrides: Any) -> Settings:
     """Return settings for a connector whose database and mappings live in `tmp_path`."""
     mappings = tmp_path / "mappings"
     mappings.mkdir(exist_ok=True)
@@ -181,7 +181,7 @@ def running_connector(settings: Settings) -> Iterator[RunningConnector]:
 
 # ----- the test database -----
 
-# PROXIMITY_TEST_DATABASE=postgresql runs every connector that `test_settings` configures on
+# PROXIMITY_TEST_DATABASE=postgresql runs every connector that `connector_settings` configures on
 # PostgreSQL instead of SQLite, each test in a fresh schema of the database below.
 TEST_DATABASE = os.environ.get("PROXIMITY_TEST_DATABASE", "sqlite").strip().lower()
 POSTGRES_URL = os.environ.get("PROXIMITY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

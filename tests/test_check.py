@@ -11,7 +11,7 @@ from connector.calendars.google_auth import SCOPE
 from tests.emulator import DEFAULT_CLIENT_EMAIL
 from tests.operator_support import invoke, keep_logging, settings_env  # noqa: F401
 from tests.support import booking
-from tests.support import test_settings as make_settings
+from tests.support import connector_settings as make_settings
 
 JANE = "jane@example.com"
 OMAR = "omar@example.com"

@@ -30,7 +30,7 @@ from connector.decisions import event_id_for
 from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, make_engine, utcnow
 from tests.calendar_state import assert_mirrored, wait_until
 from tests.support import SECRET, booking, signed_delivery
-from tests.support import test_settings as connector_settings
+from tests.support import connector_settings as connector_settings
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from connector.storage import Delivery, utcnow
 from connector.sync import DeliveryBackoff
 from tests.calendar_state import assert_mirrored, live_events_by_booking, wait_settled, wait_until
 from tests.support import booking, running_connector
-from tests.support import test_settings as connector_settings
+from tests.support import connector_settings as connector_settings
 
 JANE = "jane@example.com"
 OMAR = "omar@example.com"

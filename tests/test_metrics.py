@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from connector.app import build_connector, build_web_app
 from tests.support import SECRET, RunningConnector, booking, running_connector, signed_delivery
-from tests.support import test_settings as make_settings
+from tests.support import connector_settings as make_settings
 
 JANE = "jane@example.com"
 

@@ -54,7 +54,7 @@ def lease_engine(request, tmp_path: Path) -> Iterator[Engine]:
 
 
 def settings_for(url: str, tmp_path: Path, **overrides):
-    return support.test_settings(tmp_path, database_url=url, **overrides)
+    return support.connector_settings(tmp_path, database_url=url, **overrides)
 
 
 class ReceiverClient:

@@ -15,7 +15,7 @@ from connector import cli
 from connector.storage import Delivery, utcnow
 from tests.calendar_state import assert_mirrored, wait_settled
 from tests.support import booking, running_connector, signed_delivery
-from tests.support import test_settings as connector_settings
+from tests.support import connector_settings as connector_settings
 
 JANE = "jane@example.com"
 

@@ -14,7 +14,7 @@ from connector.retention import RetentionPolicy, prune
 from connector.storage import Delivery, utcnow
 from tests.calendar_state import wait_settled, wait_until
 from tests.support import booking, running_connector, signed_delivery
-from tests.support import test_settings as connector_settings
+from tests.support import connector_settings as connector_settings
 
 POLICY = RetentionPolicy(payload_days=7, delivery_days=30)
 FUTURE = {"startTime": "2036-03-16T14:00:00Z", "endTime": "2036-03-16T14:30:00Z"}

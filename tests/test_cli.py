@@ -1,0 +1,92 @@
+"""Command-line behaviour a newcomer meets first: feeds, wrong folders, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from connector.cli import main
+from tests.support import SECRET, booking, running_connector, connector_settings
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("PROXIMITY_", "GOOGLE_", "DATABASE_", "MAPPINGS_", "CALENDAR_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return CliRunner()
+
+
+def test_feeds_lists_urls_after_first_event(runner, tmp_path):
+    settings = connector_settings(tmp_path)
+    with running_connector(settings) as running:
+        running.deliver("booking.created", booking())
+        running.wait_idle()
+
+    env = {"DATABASE_URL": settings.database_url, "PROXIMITY_WEBHOOK_SECRET": SECRET}
+    text = runner.invoke(main, ["feeds", "--base-url", "https://sync.example.com"], env=env)
+    listed = runner.invoke(main, ["feeds", "--json"], env=env)
+
+    assert text.exit_code == 0
+    assert text.output.startswith("jane@example.com: https://sync.example.com/feeds/")
+    assert text.output.strip().endswith(".ics")
+    rows = json.loads(listed.output)
+    assert [row["calendar"] for row in rows] == ["jane@example.com"]
+    assert rows[0]["url"].startswith("http://127.0.0.1:8000/feeds/")
+
+
+def test_feeds_before_any_event(runner, tmp_path):
+    settings = connector_settings(tmp_path)
+    with running_connector(settings):
+        pass
+
+    result = runner.invoke(main, ["feeds"], env={"DATABASE_URL": settings.database_url})
+
+    assert result.exit_code == 0
+    assert "No feeds yet" in result.output
+
+
+@pytest.mark.parametrize("command", [["deliveries"], ["booking", "bkg_1"], ["feeds"], ["replay", "--failed"]])
+def test_read_command_in_wrong_folder(runner, tmp_path, command):
+    result = runner.invoke(main, command)
+
+    assert result.exit_code == 1
+    assert f"no database at {tmp_path / 'proximity-sync.db'}" in result.output
+    assert not (tmp_path / "proximity-sync.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("notaurl", "DATABASE_URL is invalid: is not a database URL"),
+        ("mysql://sync@127.0.0.1/db", "only sqlite and postgresql are supported"),
+    ],
+)
+def test_bad_database_url_is_one_sentence(runner, url, expected):
+    result = runner.invoke(main, ["deliveries"], env={"DATABASE_URL": url})
+
+    assert result.exit_code == 1
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert url not in result.output
+
+
+def test_database_password_never_echoed(runner):
+    result = runner.invoke(main, ["deliveries"], env={"DATABASE_URL": "mysql://sync:hunter2@127.0.0.1/db"})
+
+    assert result.exit_code == 1
+    assert "hunter2" not in result.output
+
+
+def test_missing_mappings_dir_named(runner, tmp_path):
+    absent = tmp_path / "nowhere"
+
+    result = runner.invoke(main, ["deliveries"], env={"MAPPINGS_DIR": str(absent)})
+
+    assert result.exit_code == 1
+    assert f"MAPPINGS_DIR {absent} is not a folder" in result.output
