@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     def _lowercase_log_format(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_http(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")) or " " in value:
+            raise ValueError("must be an http:// or https:// URL, such as https://sync.example.com")
+        return value.rstrip("/")
+
     @field_validator("database_url")
     @classmethod
     def _supported_database(cls, value: str) -> str:

@@ -82,3 +82,18 @@ def test_dotenv_file_read(monkeypatch, tmp_path):
     dotenv.write_text("PROXIMITY_WEBHOOK_SECRET=from-dotenv\n")
 
     assert load_settings(_env_file=dotenv).webhook_secrets == ["from-dotenv"]
+
+
+def test_public_url_must_be_http(monkeypatch):
+    monkeypatch.setenv("PUBLIC_URL", "not a url")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings(_env_file=None)
+
+    assert "PUBLIC_URL is invalid" in str(raised.value)
+
+
+def test_public_url_trailing_slash_dropped(monkeypatch):
+    monkeypatch.setenv("PUBLIC_URL", "https://sync.example.com/")
+
+    assert load_settings(_env_file=None).public_url == "https://sync.example.com"
