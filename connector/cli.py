@@ -22,6 +22,7 @@ from connector.logs import configure_logging
 from connector.mappings import MappingsError
 from connector.notify import notify_new_deliveries
 from connector.operator.check import check
+from connector.operator.progress import progress
 from connector.operator.reconcile import reconcile
 from connector.operator.send_test import send_test
 from connector.queue import replay_delivery
@@ -236,7 +237,8 @@ def _cell(value: object) -> str:
 @click.option("--failed", is_flag=True, help="Replay every failed delivery (narrowed by --booking and --since).")
 @click.option("--booking", "booking_id", help="With --failed: only this booking's deliveries.")
 @click.option("--since", help="With --failed: only deliveries that failed at or after this ISO 8601 time.")
-def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, since: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, since: str | None, as_json: bool) -> None:
     """Queue deliveries again, by id or every failed one.
 
     A delivery whose snapshot is already applied, or older than the applied one, is left as it
@@ -266,12 +268,21 @@ def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, 
 
     with Session(engine) as session:
         found = session.execute(select(Delivery).where(or_(*conditions)).order_by(Delivery.id)).scalars().all()
-        results = [replay_delivery(session, delivery) for delivery in found]
+        with progress(found, "Replaying deliveries", length=len(found), enabled=not as_json) as deliveries_to_replay:
+            results = [replay_delivery(session, delivery) for delivery in deliveries_to_replay]
         if any(result.queued for result in results):
             notify_new_deliveries(session.connection())
         session.commit()
 
     missing = sorted(set(delivery_ids) - {result.delivery_id for result in results})
+    if as_json:
+        rows = [{"delivery": result.delivery_id, "queued": result.queued, "message": result.message} for result in results]
+        rows += [{"delivery": delivery_id, "queued": False, "message": "no delivery with this id"} for delivery_id in missing]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        if missing:
+            sys.exit(1)
+        return
+
     for delivery_id in missing:
         click.echo(f"No delivery with id {delivery_id}.", err=True)
     width = max((len(result.delivery_id) for result in results), default=0)

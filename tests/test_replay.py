@@ -249,3 +249,26 @@ def test_replay_rejects_bad_arguments(run_cli, args, message):
 
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_replay_json_lists_each_delivery(tmp_path, monkeypatch):
+    import json as json_module
+
+    from click.testing import CliRunner
+
+    from connector.cli import main
+    from tests.support import booking, connector_settings, running_connector
+
+    settings = connector_settings(tmp_path)
+    with running_connector(settings) as running:
+        running.deliver("booking.created", booking(), delivery_id="dlv_json")
+        running.wait_idle()
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(main, ["replay", "--json", "dlv_json", "dlv_absent"], env={"DATABASE_URL": settings.database_url})
+
+    rows = json_module.loads(result.output)
+    assert result.exit_code == 1
+    assert [row["delivery"] for row in rows] == ["dlv_json", "dlv_absent"]
+    assert rows[0]["queued"] is False
+    assert rows[1]["message"] == "no delivery with this id"
