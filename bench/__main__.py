@@ -16,6 +16,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Plan:
     receiver: ReceiverOptions
     latency: LatencyOptions
     calls_bookings: int
+    calls_settle_seconds: float
     worker: WorkerOptions
     memory_deliveries: int
     memory_runs: int
@@ -49,9 +51,10 @@ class Plan:
 
 def full_plan(runs: int | None, generator: str) -> Plan:
     return Plan(
-        receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=8_000, generator=generator),
-        latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=100.0),
+        receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=10_000, generator=generator),
+        latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=40.0),
         calls_bookings=20,
+        calls_settle_seconds=0.3,
         worker=WorkerOptions(runs=runs or 3, bookings=2_000, hosts=50),
         memory_deliveries=100_000,
         memory_runs=runs or 1,
@@ -60,9 +63,10 @@ def full_plan(runs: int | None, generator: str) -> Plan:
 
 def smoke_plan(generator: str) -> Plan:
     return Plan(
-        receiver=ReceiverOptions(runs=1, seconds=1.0, capacity_per_second=3_000, generator=generator),
-        latency=LatencyOptions(runs=1, probes=3, background_rate=20.0, warmup_bookings=4),
-        calls_bookings=2,
+        receiver=ReceiverOptions(runs=1, seconds=1.0, capacity_per_second=8_000, generator=generator),
+        latency=LatencyOptions(runs=1, probes=3, background_rate=20.0, warmup_bookings=4, background_lead_seconds=0.5),
+        calls_bookings=1,
+        calls_settle_seconds=0.05,
         worker=WorkerOptions(runs=1, bookings=20, hosts=5),
         memory_deliveries=300,
         memory_runs=1,
@@ -74,7 +78,7 @@ def run(plan: Plan, only: set[str], workdir: Path) -> list[Section]:
     steps: dict[str, Callable[[RecordingEmulator], Section]] = {
         "receiver": lambda emulator: run_receiver(workdir, plan.receiver, emulator),
         "latency": lambda emulator: run_latency(workdir, plan.latency, emulator),
-        "calls": lambda emulator: run_calls(workdir, plan.calls_bookings, emulator),
+        "calls": lambda emulator: run_calls(workdir, plan.calls_bookings, emulator, plan.calls_settle_seconds),
         "worker": lambda emulator: run_worker(workdir, plan.worker, emulator),
         "memory": lambda emulator: run_memory(workdir, plan.memory_deliveries, plan.memory_runs, emulator),
     }
@@ -84,11 +88,13 @@ def run(plan: Plan, only: set[str], workdir: Path) -> list[Section]:
             if name not in only:
                 continue
             print(f"bench: running {name}", file=sys.stderr, flush=True)
+            started = time.monotonic()
             try:
                 sections.append(steps[name](emulator))
             except Exception as error:  # one broken benchmark must not lose the others' figures
                 traceback.print_exc()
                 sections.append(Section(name, f"The {name} benchmark failed: {type(error).__name__}: {error}", failed=True))
+            print(f"bench: {name} took {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return sections
 
 

@@ -68,7 +68,7 @@ LIFECYCLES: dict[str, list[Step]] = {
 }
 
 
-def run_calls(workdir: Path, bookings_per_lifecycle: int, emulator: RecordingEmulator) -> Section:
+def run_calls(workdir: Path, bookings_per_lifecycle: int, emulator: RecordingEmulator, settle_seconds: float = SETTLE_SECONDS) -> Section:
     """Run every lifecycle over `bookings_per_lifecycle` bookings and return requests per change."""
     section = Section(
         "Calendar calls per booking change",
@@ -88,7 +88,7 @@ def run_calls(workdir: Path, bookings_per_lifecycle: int, emulator: RecordingEmu
             first += 2 * bookings_per_lifecycle
             sent: dict[int, Delivery] = {}
             for step in steps:
-                counts, methods = _run_step(client, emulator, serve_dir, step, numbers, sent, bookings_per_lifecycle)
+                counts, methods = _run_step(client, emulator, serve_dir, step, numbers, sent, bookings_per_lifecycle, settle_seconds)
                 _record(section, lifecycle, step, counts, methods)
     return section
 
@@ -101,6 +101,7 @@ def _run_step(
     numbers: list[int],
     sent: dict[int, Delivery],
     offset: int,
+    settle_seconds: float,
 ) -> tuple[list[int], Counter]:
     """Send the step to every booking and return the request count per booking and the methods used."""
     owners = _event_owners(numbers, offset)
@@ -114,7 +115,7 @@ def _run_step(
             raise RuntimeError(f"{step.label}: delivery answered {response.status_code}: {response.text}")
 
     _wait_drained(serve_dir)
-    time.sleep(SETTLE_SECONDS)
+    time.sleep(settle_seconds)
 
     per_booking: Counter = Counter()
     methods: Counter = Counter()

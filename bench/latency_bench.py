@@ -42,6 +42,7 @@ class LatencyOptions:
     probes: int
     background_rate: float
     warmup_bookings: int = 40
+    background_lead_seconds: float = 2.0
 
 
 class FirstArrivals:
@@ -83,7 +84,7 @@ def run_latency(workdir: Path, options: LatencyOptions, emulator: RecordingEmula
     )
     probe_numbers = iter(range(PROBE_FIRST_BOOKING, PROBE_FIRST_BOOKING + 1_000_000))
     background_file = workdir / "latency-background.tsv"
-    background_seconds = options.probes * (PROBE_PAUSE_SECONDS + 0.05) + 5.0
+    background_seconds = options.probes * (PROBE_PAUSE_SECONDS + 0.05) + options.background_lead_seconds + 3.0
     write_request_file(background_file, new_bookings("lat-bg", int(options.background_rate * background_seconds) + 100, BACKGROUND_HOSTS))
 
     for run in range(options.runs):
@@ -175,7 +176,7 @@ def _probe_under_load(
     ]
     background = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(2.0)
+        time.sleep(options.background_lead_seconds)
         return _probe_series(client, arrivals, numbers, options.probes)
     finally:
         background.wait(timeout=background_seconds + 60)

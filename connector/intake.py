@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 
-# SQLite's default `wal_autocheckpoint`, restored on the intake's connection when it goes back
-# to the pool.
-SQLITE_AUTOCHECKPOINT_PAGES = 1000
-
 
 @dataclass(frozen=True)
 class DeliveryRecord:
@@ -75,7 +71,6 @@ class DeliveryIntake:
         self._queue: queue.SimpleQueue[tuple[DeliveryRecord, Waiter] | None] = queue.SimpleQueue()
         self._closed = False
         self._sqlite = SqliteInserter(engine) if engine.dialect.name == "sqlite" else None
-        self._checkpointer = WalCheckpointer(engine) if self._sqlite is not None else None
         self._thread = threading.Thread(target=self._run, name="delivery-intake", daemon=True)
         self._thread.start()
 
@@ -106,8 +101,6 @@ class DeliveryIntake:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=30)
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
         if self._sqlite is not None and not self._thread.is_alive():
             self._sqlite.close()
 
@@ -145,7 +138,6 @@ class DeliveryIntake:
             return
 
         _settle(batch, results)
-        self._checkpointer.request()
         self._report_commit(records, results)
 
     def _write(self, batch: Batch) -> None:
@@ -229,15 +221,12 @@ class SqliteInserter:
         if invalidate:
             self._pooled.invalidate()
         else:
-            self._pooled.driver_connection.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
             self._pooled.close()
         self._pooled = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._pooled is None:
             self._pooled = self._engine.raw_connection()
-            # The WalCheckpointer checkpoints instead, outside the commits that requests wait for.
-            self._pooled.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
         return self._pooled.driver_connection
 
     def _insert_rows(self, connection: sqlite3.Connection, rows: list[tuple], records: Sequence[DeliveryRecord]) -> list[bool]:
@@ -278,56 +267,6 @@ class SqliteInserter:
             )
             self._statements[rows] = statement
         return statement
-
-
-class WalCheckpointer:
-    """Checkpoints the SQLite write-ahead log in a background thread while deliveries come in.
-
-    By default SQLite checkpoints inside the commit that grows the log past 1000 pages, so every
-    few hundred batches one batch waited 20 to 80 ms longer (measured with `python -m bench`).
-    The intake's connection turns that off, and this thread runs a PASSIVE checkpoint, which
-    never waits for a writer, at most every CHECKPOINT_INTERVAL seconds after a commit. Commits
-    stay as durable as before, because a commit syncs the log itself.
-    """
-
-    CHECKPOINT_INTERVAL = 0.2
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._requested = threading.Event()
-        self._stopping = threading.Event()
-        self._failures = 0
-        self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        """Ask for a checkpoint soon, because deliveries were committed."""
-        self._requested.set()
-
-    def stop(self) -> None:
-        """Run a last checkpoint and stop the thread."""
-        self._stopping.set()
-        self._requested.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._requested.wait()
-            self._stopping.wait(self.CHECKPOINT_INTERVAL)
-            self._requested.clear()
-            self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        try:
-            pooled = self._engine.raw_connection()
-            try:
-                pooled.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                pooled.close()
-        except Exception as error:  # a failed checkpoint is retried after the next commit
-            self._failures += 1
-            if self._failures == 1 or self._failures % 100 == 0:
-                log.warning("checkpointing the SQLite log failed (%d times so far): %s", self._failures, error)
 
 
 def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:

