@@ -225,7 +225,9 @@ def test_db_commands_upgrade_postgres(postgres, tmp_path):
 
 @pytest.mark.slow
 def test_sqlite_commands_upgrade_themselves(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    database = tmp_path / "fresh.db"
+    database.touch()
+    url = f"sqlite:///{database}"
 
     listing = run_cli(url, tmp_path, "deliveries")
     current = run_cli(url, tmp_path, "db", "current")
