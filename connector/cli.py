@@ -22,7 +22,7 @@ from connector.logs import configure_logging
 from connector.mappings import MappingsError
 from connector.notify import notify_new_deliveries
 from connector.operator.check import check
-from connector.operator.progress import progress
+from connector.operator.progress import is_terminal, progress
 from connector.operator.reconcile import reconcile
 from connector.operator.send_test import send_test
 from connector.queue import replay_delivery
@@ -298,6 +298,23 @@ def replay(delivery_ids: tuple[str, ...], failed: bool, booking_id: str | None, 
         sys.exit(1)
 
 
+class PruneCounter:
+    """Shows on a terminal how many rows a prune has changed so far; prints nothing elsewhere."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        if self.enabled:
+            click.echo(f"\rPruning: {self.rows} rows changed", nl=False, err=True)
+
+    def finish(self) -> None:
+        if self.enabled and self.rows:
+            click.echo(err=True)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a sentence.")
 def prune(as_json: bool) -> None:
@@ -308,7 +325,10 @@ def prune(as_json: bool) -> None:
     """
     settings = _settings()
     engine = _engine(settings, must_exist=True)
-    report = run_prune(engine, RetentionPolicy(settings.payload_retention_days, settings.delivery_retention_days))
+    policy = RetentionPolicy(settings.payload_retention_days, settings.delivery_retention_days)
+    counter = PruneCounter(enabled=not as_json and is_terminal())
+    report = run_prune(engine, policy, on_batch=counter.add)
+    counter.finish()
     if as_json:
         _echo_json({
             "payloads_cleared": report.payloads_cleared,

@@ -72,8 +72,12 @@ def prune(
     policy: RetentionPolicy,
     now: datetime | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
 ) -> PruneReport:
-    """Clear old payloads and delete old delivery records, keeping what the policy protects."""
+    """Clear old payloads and delete old delivery records, keeping what the policy protects.
+
+    `on_batch`, if given, is called with the number of rows each committed batch changed.
+    """
     now = now or utcnow()
     payload_cutoff = now - timedelta(days=policy.payload_days)
     delivery_cutoff = now - timedelta(days=policy.delivery_days)
@@ -87,12 +91,14 @@ def prune(
         finished & (Delivery.finished_at < payload_cutoff) & Delivery.body.is_not(None),
         lambda ids: update(Delivery).where(Delivery.id.in_(ids)).values(body=None),
         batch_size,
+        on_batch,
     )
     deleted = _in_batches(
         engine,
         finished & (Delivery.finished_at < delivery_cutoff),
         lambda ids: delete(Delivery).where(Delivery.id.in_(ids)),
         batch_size,
+        on_batch,
     )
     return PruneReport(cleared, deleted, len(kept), payload_cutoff, delivery_cutoff)
 
@@ -133,7 +139,11 @@ def _booking_over(event: str, body: bytes | None, cutoff: datetime) -> bool:
 
 
 def _in_batches(
-    engine: Engine, condition: ColumnElement[bool], statement_for: Callable[[list[int]], Executable], batch_size: int
+    engine: Engine,
+    condition: ColumnElement[bool],
+    statement_for: Callable[[list[int]], Executable],
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Apply the statement to the rows matching `condition`, `batch_size` rows per transaction."""
     total = 0
@@ -143,6 +153,8 @@ def _in_batches(
             if ids:
                 connection.execute(statement_for(ids))
         total += len(ids)
+        if ids and on_batch is not None:
+            on_batch(len(ids))
         if len(ids) < batch_size:
             return total
 

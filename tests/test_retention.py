@@ -204,3 +204,15 @@ def test_worker_prunes_periodically(tmp_path):
         newest = stored(running)["dlv_reschedule"]
 
     assert newest.body is not None
+
+
+
+def test_prune_reports_each_batch(ics_connector):
+    for number in range(5):
+        send(ics_connector, "booking.paymentReceived", booking(id=f"bkg_{number}"), "2026-03-16T14:05:00Z",
+             f"dlv_{number}")
+    batches: list[int] = []
+
+    prune(ics_connector.connector.engine, POLICY, now=days_later(31), batch_size=2, on_batch=batches.append)
+
+    assert batches == [2, 2, 1, 2, 2, 1]
