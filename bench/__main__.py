@@ -1,6 +1,6 @@
 """Run every benchmark and write docs/benchmarks.md.
 
-    .venv/bin/python -m bench                 all benchmarks, about 15 minutes on 2 cores
+    .venv/bin/python -m bench                 all benchmarks, about 20 minutes on 2 cores
     .venv/bin/python -m bench --only worker   one benchmark (receiver, latency, calls, worker, memory)
     .venv/bin/python -m bench --smoke         a few seconds of each, to check the harness works
 
@@ -13,6 +13,7 @@ names a file, so a partial run never replaces the full record.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -52,7 +53,8 @@ class Plan:
 def full_plan(runs: int | None, generator: str) -> Plan:
     return Plan(
         receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=10_000, generator=generator),
-        latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=40.0),
+        # About half the rate the worker sustained in the worker benchmark, so it keeps up.
+        latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=25.0),
         calls_bookings=20,
         calls_settle_seconds=0.3,
         worker=WorkerOptions(runs=runs or 3, bookings=2_000, hosts=50),
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench" + (" --smoke" if arguments.smoke else "") + (f" --only {arguments.only}" if arguments.only else "")
 
     started = datetime.now(UTC)
+    load_at_start = os.getloadavg()[0]
     try:
         sections = run(plan, only, workdir)
-        write_report(output, sections, command, started)
+        write_report(output, sections, command, started, load_at_start)
         print(output.read_text(encoding="utf-8") if partial and not arguments.output else f"bench: wrote {output}")
     finally:
         if arguments.keep:

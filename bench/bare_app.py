@@ -1,4 +1,4 @@
-"""The baseline server: a Starlette endpoint that reads the body and answers 200, nothing else.
+"""The baseline server: a Starlette endpoint that reads the body and responds 200, nothing else.
 
 It runs under `uvicorn.run` with the same arguments as `proximity-sync serve` (connector/cli.py),
 so the difference in throughput is the connector's own work: HMAC check, envelope parsing and
@@ -21,7 +21,7 @@ from bench.payloads import WEBHOOK_PATH
 
 
 async def receive(request: Request) -> Response:
-    """Read the whole body and answer 200 with a small JSON body, as the connector does."""
+    """Read the whole body and respond 200 with a small JSON body, as the connector does."""
     body = await request.body()
     return JSONResponse({"status": "accepted", "bytes": len(body)})
 

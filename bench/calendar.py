@@ -1,6 +1,6 @@
 """The Calendar emulator of the test suite, with the arrival time of every API request recorded.
 
-The emulator records a request when it answers, after its added latency, and without a time.
+The emulator records a request when it responds, after its added latency, and without a time.
 The bench needs when each request arrived and for which booking, so it wraps the emulator's
 ASGI app in `ArrivalRecorder`.
 """
@@ -39,7 +39,7 @@ class Arrival:
 
 
 class ArrivalRecorder:
-    """ASGI middleware that records an `Arrival` before the wrapped app sees the request."""
+    """ASGI middleware that records an `Arrival` before the wrapped app handles the request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

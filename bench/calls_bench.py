@@ -1,7 +1,7 @@
 """Calendar API requests per booking change, by event type, in steady state.
 
-Bookings go through their lifecycles one step at a time: the bench sends one step's delivery for
-every booking, waits until the worker has finished them all, and counts the Calendar API
+Bookings go through their lifecycles one step at a time. The bench sends one step's delivery for
+every booking and waits until the worker has finished them all. It then counts the Calendar API
 requests that reached the emulator for each booking during that step. Tokens are cached by
 then, and token requests are not Calendar API requests, so they are not counted.
 """
@@ -112,7 +112,7 @@ def _run_step(
         sent[number] = delivery
         response = client.post(WEBHOOK_PATH, content=delivery.body, headers=delivery.headers())
         if response.status_code != 200:
-            raise RuntimeError(f"{step.label}: delivery answered {response.status_code}: {response.text}")
+            raise RuntimeError(f"{step.label}: delivery failed with HTTP {response.status_code}: {response.text}")
 
     _wait_drained(serve_dir)
     time.sleep(settle_seconds)

@@ -1,11 +1,10 @@
 """Delivery to first calendar request: from the 200 to the emulator receiving that booking's first call.
 
 Probe deliveries are new bookings of their own hosts. The bench sends one, notes when the 200
-arrives, and waits for the emulator to record the first Calendar API request for that booking;
-both times come from `time.monotonic()` in the bench process. The idle figure sends probes one
+arrives, and waits for the emulator to record the first Calendar API request for that booking.
+Both times come from `time.monotonic()` in the bench process. The idle figure sends probes one
 at a time with pauses between them. The loaded figure sends the same probes while a second
-process sends other hosts' new bookings at a steady rate below the project quota, so the worker
-is busy but keeps up.
+process sends other hosts' new bookings at a steady rate that the worker keeps up with.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ def _send(client: httpx.Client, arrivals: FirstArrivals, number: int, host: int)
     response = client.post(WEBHOOK_PATH, content=delivery.body, headers=delivery.headers())
     acknowledged = time.monotonic()
     if response.status_code != 200:
-        raise RuntimeError(f"probe delivery {delivery.delivery_id} answered {response.status_code}: {response.text}")
+        raise RuntimeError(f"probe delivery {delivery.delivery_id} failed with HTTP {response.status_code}: {response.text}")
     return acknowledged
 
 

@@ -16,7 +16,7 @@ LUA_SCRIPT = Path(__file__).with_name("deliveries.lua")
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What one load run measured; latencies are in milliseconds."""
+    """The summary of one load run, with latencies in milliseconds."""
 
     generator: str
     requests: int

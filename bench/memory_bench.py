@@ -3,7 +3,7 @@
 `serve` runs as deployed, with its worker writing to the emulator, and receives new-booking
 deliveries over 32 connections from bench.pyload, which stops after the given count. The
 figure is the kernel's high-water mark of the process's resident set (VmHWM in
-/proc/PID/status), read once every delivery is answered, in MB of 10^6 bytes.
+/proc/PID/status), read once every delivery has its response, in MB of 10^6 bytes.
 """
 
 from __future__ import annotations

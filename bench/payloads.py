@@ -1,7 +1,7 @@
 """Realistic signed deliveries: booking snapshots of a few kB with non-ASCII text, and request files.
 
 Every delivery gets a unique delivery id and a unique body, because the connector keeps one row
-per delivery id and per body digest, so a repeated body would be answered as a duplicate without
+per delivery id and per body digest, so a repeated body would be reported as a duplicate without
 an insert.
 """
 

@@ -2,8 +2,8 @@
 
 It sends the lines of a request file (see `bench.payloads.write_request_file`) over keep-alive
 connections and prints one `BENCH-JSON {...}` line with the same fields as bench/deliveries.lua.
-Without `--rate` every connection sends its next request as soon as the previous one is
-answered, as wrk does. With `--rate`, requests start on a fixed schedule of that many per
+Without `--rate` every connection sends its next request as soon as the response to the
+previous one arrives, as wrk does. With `--rate`, requests start on a fixed schedule of that many per
 second, and the latency is counted from the scheduled start.
 
     python -m bench.pyload --url http://127.0.0.1:8000 --file requests.tsv --connections 32 --duration 8
@@ -28,7 +28,7 @@ class RequestSource:
         self.requests = requests
         self.position = 0
         self.restarts = 0
-        self.taken = 0
+        self.handed_out = 0
 
     def next(self) -> bytes:
         if self.position == len(self.requests):
@@ -36,7 +36,7 @@ class RequestSource:
             self.restarts += 1
         request = self.requests[self.position]
         self.position += 1
-        self.taken += 1
+        self.handed_out += 1
         return request
 
 
@@ -76,7 +76,7 @@ async def run_connection(
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        while time.monotonic() < deadline and (limit is None or source.taken < limit):
+        while time.monotonic() < deadline and (limit is None or source.handed_out < limit):
             started = await schedule.wait() if schedule else time.monotonic()
             if started >= deadline:
                 break
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--file", type=Path, required=True, help="Request file written by bench.payloads.")
     parser.add_argument("--connections", type=int, default=32, help="Keep-alive connections.")
     parser.add_argument("--duration", type=float, required=True, help="Seconds to send for.")
-    parser.add_argument("--rate", type=float, help="Requests per second in all; default: as fast as answered.")
+    parser.add_argument("--rate", type=float, help="Requests per second over all connections; default: each connection sends on every response.")
     parser.add_argument("--limit", type=int, help="Stop after this many requests.")
     arguments = parser.parse_args()
 

@@ -107,7 +107,7 @@ def _record(section: Section, bare: LoadResult, results: dict[str, LoadResult]) 
 
 def _check(result: LoadResult, name: str, capacity: int, *, check_restarts: bool) -> None:
     if result.errors:
-        raise RuntimeError(f"{name}: {result.errors} requests failed or were answered with an error status")
+        raise RuntimeError(f"{name}: {result.errors} requests failed or got an error status")
     if check_restarts and result.file_restarts:
         raise RuntimeError(
             f"{name}: the load generator ran out of its {capacity:,} unique deliveries and sent some twice; "

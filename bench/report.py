@@ -55,7 +55,7 @@ def version_lines() -> list[str]:
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- {', '.join(versions)}",
         f"- SQLite {sqlite3.sqlite_version}, {sqlite_durability()}",
-        f"- Load generator: {wrk_version() or 'wrk not installed, so bench.pyload'}",
+        f"- Load generator: {wrk_version() or 'wrk not installed, so bench.pyload'} (each receiver run names the one it used)",
     ]
 
 
@@ -75,7 +75,7 @@ def sqlite_durability() -> str:
     return f"journal_mode={journal}, synchronous={names.get(level, level)}"
 
 
-def render(sections: list[Section], command: str, started: datetime, finished: datetime) -> str:
+def render(sections: list[Section], command: str, started: datetime, finished: datetime, load_at_start: float) -> str:
     """Return the generated part of the page."""
     lines = [
         "# Benchmarks",
@@ -87,6 +87,8 @@ def render(sections: list[Section], command: str, started: datetime, finished: d
         "## Machine",
         "",
         *machine_lines(),
+        f"- Load average over 1 minute: {load_at_start:.2f} when the run started, {os.getloadavg()[0]:.2f} when it "
+        "ended (other jobs on the machine show up here and make the figures vary)",
         "",
         "## Versions",
         "",
@@ -124,13 +126,13 @@ def _row(section_title: str | None, figure) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def write_report(path: Path, sections: list[Section], command: str, started: datetime) -> None:
+def write_report(path: Path, sections: list[Section], command: str, started: datetime, load_at_start: float) -> None:
     """Write the generated part to `path` and keep what follows the marker in the existing file."""
     kept = "\n## What each optimisation bought\n\nNot recorded yet.\n"
     if path.exists():
         existing = path.read_text(encoding="utf-8")
         if MARKER in existing:
             kept = existing.split(MARKER, 1)[1]
-    generated = render(sections, command, started, datetime.now(UTC))
+    generated = render(sections, command, started, datetime.now(UTC), load_at_start)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(generated + "\n" + MARKER + kept, encoding="utf-8")

@@ -142,7 +142,7 @@ def _wait_ready(server: ServerProcess) -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-    raise RuntimeError(f"{server.name} did not answer /healthz within {STARTUP_TIMEOUT:.0f} s; see {server.log_path}")
+    raise RuntimeError(f"{server.name} did not respond on /healthz within {STARTUP_TIMEOUT:.0f} s; see {server.log_path}")
 
 
 def _stop(server: ServerProcess) -> None:

@@ -1,14 +1,14 @@
 """Worker throughput: booking changes applied per second against the emulator with 20 ms latency.
 
 Each booking goes through five changes (created, rescheduled three times, cancelled), each of
-which costs one Calendar API request. The bench keeps at most one change per booking waiting:
-it sends a booking's next change when the emulator receives the request of the previous one,
-so the worker never merges two changes of one booking into one request and every change is
+which costs one Calendar API request. The bench keeps at most one change per booking waiting.
+It sends a booking's next change when the emulator receives the request of the previous one,
+so the worker never merges two changes of one booking into one request, and every change is
 applied on its own. The first changes of all bookings are sent at the start, in shuffled order.
 The run ends when no delivery is pending.
 
 The per-user and per-project rates are counted from the arrival times of all requests, in
-every 60-second window, and the emulator's answers are checked for rate-limit errors.
+every 60-second window, and the emulator's responses are checked for rate-limit errors.
 """
 
 from __future__ import annotations

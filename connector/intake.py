@@ -132,7 +132,7 @@ class DeliveryIntake:
         records = [record for record, _ in batch]
         try:
             results = self._sqlite.insert(records, utcnow())
-        except Exception as error:  # the database failed: every waiting request answers 503
+        except Exception as error:  # the database failed, so every waiting request gets a 503
             log.error("storing %d deliveries failed: %s", len(batch), error)
             _settle(batch, error)
             return

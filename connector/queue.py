@@ -334,8 +334,8 @@ def supersede_failed(session: Session, booking_id: str, version: str, rank: int,
             or_(Delivery.version < version, and_(Delivery.version == version, Delivery.rank <= rank)),
         )
         .values(state=DeliveryState.STALE, outcome=f"superseded by delivery {by_delivery}", finished_at=utcnow())
-        # The session holds no Delivery objects to update, and matching its objects against this
-        # WHERE clause in Python cost more than the UPDATE itself.
+        # The session contains no Delivery objects to update, so matching its objects against
+        # this WHERE clause in Python would be work for nothing on every sync.
         .execution_options(synchronize_session=False)
     )
 

@@ -144,10 +144,10 @@ def _with_frozen_startup_objects(lifespan: Callable[[Starlette], Any] | None) ->
 
     Start-up loads the API client's discovery document, the ORM metadata and every module, and
     Python's cyclic collector traverses all of them on each full collection, which stopped the
-    event loop for up to 60 ms at a time under load (p99 acknowledgement latency 65 ms with the
-    collector as is, 12 ms with these objects frozen, measured with `python -m bench`). They are
-    unfrozen at shutdown, so a process that builds several apps, such as the test suite, can
-    still collect them afterwards.
+    event loop for up to 60 ms at a time under load. Under the bench's wrk load on a 2-core VM,
+    `serve --no-worker` answered with a p99 latency of 65 ms with the collector as is and 12 ms
+    with these objects frozen. They are unfrozen at shutdown, so a process that builds several
+    apps, such as the test suite, can still collect them afterwards.
     """
 
     @contextlib.asynccontextmanager

@@ -137,7 +137,8 @@ def _configure_sqlite(connection, _record) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     # Each pooled connection keeps its own page cache (2 MB by default), and in WAL mode it is
     # emptied at the start of every transaction after another connection wrote, which the
-    # receiver does all the time; 512 KB each kept the peak RSS of `serve` under 150 MB.
+    # receiver does all the time. With 512 KB each, the peak RSS of `serve` after 100,000
+    # deliveries fell from 150 to 136 MB (`python -m bench --only memory`, 2-core VM).
     cursor.execute("PRAGMA cache_size=-512")
     cursor.close()
 
