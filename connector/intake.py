@@ -2,6 +2,8 @@
 
 Concurrent requests hand their delivery to one writer thread, which inserts everything waiting in
 one transaction and commits once, so many acknowledgements share one disk sync (group commit).
+The event loop passes the deliveries of all requests handled in one loop iteration to the thread
+together, so the thread wakes up once per batch rather than once per request.
 The insert skips a delivery whose id or body digest is already stored, through the table's unique
 constraints, so two receivers can never both accept the same delivery.
 
@@ -68,7 +70,8 @@ class DeliveryIntake:
     def __init__(self, engine: Engine, on_commit: Callable[[list[str]], None] | None = None) -> None:
         self._engine = engine
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[tuple[DeliveryRecord, Waiter] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._gathering: dict[asyncio.AbstractEventLoop, Batch] = {}
         self._closed = False
         self._sqlite = SqliteInserter(engine) if engine.dialect.name == "sqlite" else None
         self._thread = threading.Thread(target=self._run, name="delivery-intake", daemon=True)
@@ -86,15 +89,23 @@ class DeliveryIntake:
         """Store a delivery and wait for its commit; return False if it was already stored."""
         if self._closed:
             raise IntakeClosedError("the delivery intake is stopped")
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put((record, waiter))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        gathering = self._gathering.setdefault(loop, [])
+        gathering.append((record, waiter))
+        if len(gathering) == 1:
+            loop.call_soon(self._hand_over, loop)
         return await waiter
 
     def store_blocking(self, record: DeliveryRecord) -> bool:
         """Store a delivery from a thread; return False if it was already stored."""
         future: Future[bool] = Future()
-        self._queue.put((record, future))
+        self._queue.put([(record, future)])
         return future.result()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Pass the deliveries gathered in this loop iteration to the writer thread."""
+        self._queue.put(self._gathering.pop(loop))
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
@@ -109,17 +120,17 @@ class DeliveryIntake:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
+            batch = list(first)
             stopping = False
             while len(batch) < MAX_BATCH:
                 try:
-                    item = self._queue.get_nowait()
+                    more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if more is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch += more
 
             if self._sqlite is not None:
                 self._write_sqlite(batch)

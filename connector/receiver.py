@@ -10,11 +10,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from connector.envelope import EnvelopeError, check_delivery_id, parse_envelope
 from connector.health import health_routes
@@ -35,49 +35,65 @@ class BodyTooLargeError(Exception):
     """The request body is larger than the configured limit."""
 
 
+class ClientDisconnectedError(Exception):
+    """The client closed the connection before sending the whole body."""
+
+
 class WebhookReceiver:
-    """Handles `POST /webhooks/proximity`."""
+    """The ASGI endpoint of `POST /webhooks/proximity`.
+
+    It reads the scope's headers and sends its responses itself, without Starlette's `Request`
+    and `Response` objects, because every delivery passes through here and those objects add
+    work per request that this endpoint does not need.
+    """
 
     def __init__(self, intake: DeliveryIntake, secrets: Sequence[str], max_body_bytes: int) -> None:
         self.intake = intake
         self.secrets = list(secrets)
         self.max_body_bytes = max_body_bytes
 
-    async def handle(self, request: Request) -> Response:
-        """Answer one delivery and record its outcome and latency."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Respond to one delivery and record its outcome and latency."""
         started = time.perf_counter()
-        response, outcome = await self._handle(request, started)
+        status, content, outcome = await self._handle(scope, receive, started)
+
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode("ascii")),
+        ]})
+        await send({"type": "http.response.body", "body": content})
+
         _RECEIVED_BY_OUTCOME[outcome].inc()
         ACK_LATENCY.observe(time.perf_counter() - started)
-        return response
 
-    async def _handle(self, request: Request, started: float) -> tuple[Response, str]:
-        delivery_id = request.headers.get("x-webhook-delivery", "").strip()
+    async def _handle(self, scope: Scope, receive: Receive, started: float) -> tuple[int, bytes, str]:
+        headers = _webhook_headers(scope)
+        delivery_id = headers.get("x-webhook-delivery", "").strip()
 
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(receive, headers.get("content-length"))
         except BodyTooLargeError:
             log.warning("delivery %s rejected: body larger than %d bytes", delivery_id or "-", self.max_body_bytes)
-            return _refusal(413, f"body larger than {self.max_body_bytes} bytes"), "too_large"
-        except ClientDisconnect:
-            return _refusal(400, "client disconnected before sending the whole body"), "malformed"
+            return *_refusal(413, f"body larger than {self.max_body_bytes} bytes"), "too_large"
+        except ClientDisconnectedError:
+            return *_refusal(400, "client disconnected before sending the whole body"), "malformed"
 
         try:
-            verify(body, request.headers.get("x-webhook-signature"), self.secrets)
+            verify(body, headers.get("x-webhook-signature"), self.secrets)
         except SignatureError as error:
             log.warning("delivery %s rejected: %s", delivery_id or "-", error)
-            return _refusal(401, str(error)), "bad_signature"
+            return *_refusal(401, str(error)), "bad_signature"
 
         try:
-            envelope = parse_envelope(body, request.headers.get("x-webhook-event"))
+            envelope = parse_envelope(body, headers.get("x-webhook-event"), exact_numbers=False)
         except EnvelopeError as error:
             log.warning("delivery %s rejected: %s", delivery_id or "-", error)
-            return _refusal(400, str(error)), "malformed"
+            return *_refusal(400, str(error)), "malformed"
         try:
             delivery_id = check_delivery_id(delivery_id)
         except EnvelopeError as error:
             log.warning("delivery %r rejected: %s", delivery_id[:80], error)
-            return _refusal(400, str(error)), "malformed"
+            return *_refusal(400, str(error)), "malformed"
 
         state = DeliveryState.PENDING if envelope.is_known_event else DeliveryState.IGNORED
         record = DeliveryRecord(
@@ -94,7 +110,7 @@ class WebhookReceiver:
             stored = await self.intake.store(record)
         except Exception as error:
             log.error("delivery %s not stored, answered 503: %s", delivery_id, error)
-            return _refusal(503, "storage unavailable, retry later"), "unavailable"
+            return *_refusal(503, "storage unavailable, retry later"), "unavailable"
 
         outcome = "duplicate" if not stored else ("ignored" if state == DeliveryState.IGNORED else "accepted")
         # Logged at DEBUG: a line per delivery at INFO cost more than the HMAC check at full load,
@@ -105,25 +121,42 @@ class WebhookReceiver:
                 "delivery %s %s: %s booking %s (%.1f ms)",
                 delivery_id, outcome, envelope.event, envelope.booking_id or "-", elapsed_ms,
             )
-        return JSONResponse({"status": outcome, "delivery": delivery_id}), outcome
+        return 200, orjson.dumps({"status": outcome, "delivery": delivery_id}), outcome
 
-    async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
+    async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLargeError
 
         chunks = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnectedError
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
                 raise BodyTooLargeError
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
-def _refusal(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)
+# The request headers the receiver reads; a delivery's other headers are not looked at.
+_READ_HEADERS = frozenset((b"x-webhook-delivery", b"x-webhook-signature", b"x-webhook-event", b"content-length"))
+
+
+def _webhook_headers(scope: Scope) -> dict[str, str]:
+    """Return the headers the receiver reads, by lowercase name; the first of repeated headers wins."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ_HEADERS:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
+def _refusal(status: int, reason: str) -> tuple[int, bytes]:
+    return status, orjson.dumps({"error": reason})
 
 
 def create_app(
@@ -133,7 +166,7 @@ def create_app(
     lifespan=None,
 ) -> Starlette:
     """Build the Starlette application."""
-    routes: list[BaseRoute] = [Route(WEBHOOK_PATH, receiver.handle, methods=["POST"])]
+    routes: list[BaseRoute] = [Route(WEBHOOK_PATH, receiver, methods=["POST"])]
     routes += health_routes(engine)
     routes += list(extra_routes)
     return Starlette(routes=routes, lifespan=_with_frozen_startup_objects(lifespan))

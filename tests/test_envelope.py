@@ -385,3 +385,49 @@ def test_parse_deep_nesting_raises() -> None:
     depth = 100_000
     with pytest.raises(EnvelopeError):
         parse_envelope(b"[" * depth + b"]" * depth)
+
+
+def test_parse_big_integer_kept() -> None:
+    body = b'{"event":"booking.created","createdAt":"2026-03-16T14:05:00Z","payload":{"id":"bkg_1","seats":123456789012345678901234567890}}'
+
+    envelope = parse_envelope(body)
+
+    assert envelope.payload["seats"] == 123456789012345678901234567890
+    assert envelope.booking_id == "bkg_1"
+
+
+@pytest.mark.parametrize("exact_numbers", [True, False])
+def test_parse_nan_kept(exact_numbers: bool) -> None:
+    body = b'{"event":"booking.created","createdAt":"2026-03-16T14:05:00Z","payload":{"id":"bkg_1","price":NaN}}'
+
+    envelope = parse_envelope(body, exact_numbers=exact_numbers)
+
+    assert envelope.payload["price"] != envelope.payload["price"]
+    assert envelope.booking_id == "bkg_1"
+
+
+@pytest.mark.parametrize("exact_numbers", [True, False])
+def test_parse_deep_nesting_raises(exact_numbers: bool) -> None:
+    body = b'{"event":"booking.created","createdAt":"2026-03-16T14:05:00Z","payload":{"id":"bkg_1","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+
+    with pytest.raises(EnvelopeError, match="nested too deeply"):
+        parse_envelope(body, exact_numbers=exact_numbers)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{not json", b'{"event":"booking.created",}', b"\xef\xbb\xbf{}", b"\xff\xfe{}", b"[1, 2]"],
+)
+def test_parse_fast_path_same_errors(body: bytes) -> None:
+    with pytest.raises(EnvelopeError) as exact:
+        parse_envelope(body)
+    with pytest.raises(EnvelopeError) as fast:
+        parse_envelope(body, exact_numbers=False)
+
+    assert str(fast.value) == str(exact.value)
+
+
+def test_parse_fast_path_same_envelope() -> None:
+    body = envelope_body(payload=dict(PAYLOAD, invitee={"name": "Zoë Müller 🎉"}))
+
+    assert parse_envelope(body, exact_numbers=False) == parse_envelope(body)
