@@ -60,19 +60,27 @@ def version_lines() -> list[str]:
 
 
 def sqlite_durability() -> str:
-    """Return the journal mode and synchronous level that connector/storage.py sets, read back from SQLite."""
+    """Return the journal mode and synchronous levels that the connector sets, read back from SQLite."""
     from sqlalchemy import text
 
-    from connector.storage import make_engine
+    from connector.intake import SqliteInserter
+    from connector.storage import create_tables, make_engine
 
+    names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
     with tempfile.TemporaryDirectory() as folder:
         engine = make_engine(f"sqlite:///{folder}/probe.db", pool_size=1)
+        create_tables(engine)
         with engine.connect() as connection:
             journal = connection.execute(text("PRAGMA journal_mode")).scalar()
             level = connection.execute(text("PRAGMA synchronous")).scalar()
+        inserter = SqliteInserter(engine)
+        intake_level = inserter._connection().execute("PRAGMA synchronous").fetchone()[0]
+        inserter.close()
         engine.dispose()
-    names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
-    return f"journal_mode={journal}, synchronous={names.get(level, level)}"
+    return (
+        f"journal_mode={journal}, synchronous={names.get(intake_level, intake_level)} for the receiver's inserts "
+        f"and synchronous={names.get(level, level)} for the worker's writes"
+    )
 
 
 def render(sections: list[Section], command: str, started: datetime, finished: datetime, load_at_start: float) -> str:

@@ -15,6 +15,7 @@ SQLAlchemy Core.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -30,7 +31,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from connector.notify import notify_new_deliveries
-from connector.storage import Delivery, DeliveryState, utcnow
+from connector.sqlite_lock import LockingConnection
+from connector.storage import SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS_DURABLE, Delivery, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +184,9 @@ class SqliteInserter:
     """Inserts batches of deliveries into SQLite with one multi-row statement each.
 
     It uses a connection of the engine's pool, so the PRAGMAs of connector/storage.py apply (WAL,
-    synchronous=FULL, busy timeout), in the engine's autocommit mode: each statement is its own
-    transaction, and its commit has synced the WAL to disk when the statement returns. A statement
+    busy timeout), in the engine's autocommit mode: each statement is its own transaction. The
+    connection runs at synchronous=FULL while it is the inserter's, so the commit has synced the
+    WAL to disk when the statement returns. A statement
     is one call into SQLite, which the writer thread makes without holding the GIL, where the ORM
     path makes several calls per row and holds the GIL between them. Must be used from one thread.
     """
@@ -215,11 +218,12 @@ class SqliteInserter:
         per_statement = max(1, connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(self.COLUMNS))
         results: list[bool] = []
         try:
-            for start in range(0, len(rows), per_statement):
-                chunk = slice(start, start + per_statement)
-                results += self._insert_rows(connection, rows[chunk], records[chunk])
-            if connection.in_transaction:  # a connection outside autocommit mode opened a transaction
-                connection.commit()
+            with _writing(connection):
+                for start in range(0, len(rows), per_statement):
+                    chunk = slice(start, start + per_statement)
+                    results += self._insert_rows(connection, rows[chunk], records[chunk])
+                if connection.in_transaction:  # a connection outside autocommit mode opened a transaction
+                    connection.commit()
         except sqlite3.Error:
             self.close(invalidate=True)
             raise
@@ -232,12 +236,14 @@ class SqliteInserter:
         if invalidate:
             self._pooled.invalidate()
         else:
+            self._pooled.driver_connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
             self._pooled.close()
         self._pooled = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._pooled is None:
             self._pooled = self._engine.raw_connection()
+            self._pooled.driver_connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS_DURABLE}")
         return self._pooled.driver_connection
 
     def _insert_rows(self, connection: sqlite3.Connection, rows: list[tuple], records: Sequence[DeliveryRecord]) -> list[bool]:
@@ -278,6 +284,13 @@ class SqliteInserter:
             )
             self._statements[rows] = statement
         return statement
+
+
+def _writing(connection: sqlite3.Connection) -> contextlib.AbstractContextManager:
+    """Hold the process's write lock of the database, if the connection has one (see connector/sqlite_lock.py)."""
+    if isinstance(connection, LockingConnection):
+        return connection.writing()
+    return contextlib.nullcontext()
 
 
 def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:

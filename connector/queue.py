@@ -8,13 +8,14 @@ whose worker died expires and is taken over.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from sqlmodel import select as sqlmodel_select
 
@@ -76,7 +77,15 @@ def next_due_time(engine: Engine) -> datetime | None:
 
 
 def acquire_lease(engine: Engine, booking_id: str, owner: str, seconds: float) -> bool:
-    """Take the booking's lease if it is free or expired.
+    """Take the booking's lease if it is free or expired; see `acquire_leases`."""
+    return bool(acquire_leases(engine, [booking_id], owner, seconds))
+
+
+def acquire_leases(engine: Engine, booking_ids: Sequence[str], owner: str, seconds: float) -> list[str]:
+    """Take the leases of the bookings that are free or expired; return those taken, in the given order.
+
+    One statement takes them all: an insert that, for a booking with a lease row already, updates
+    the row only if the lease has expired, and returns the bookings it inserted or updated.
 
     A live lease is never taken again, not even by its own owner: the threads of one worker
     share the owner id, so a re-entrant lease would let two of them sync the same booking.
@@ -86,25 +95,26 @@ def acquire_lease(engine: Engine, booking_id: str, owner: str, seconds: float) -
     NOTE: expiry compares times written by different hosts' clocks, so a worker whose clock runs
     S seconds fast takes over expired-looking leases S seconds early; keep clocks synchronized.
     """
+    wanted = list(dict.fromkeys(booking_ids))
+    if not wanted:
+        return []
+
     now = utcnow()
     expires_at = now + timedelta(seconds=seconds)
-    # One transaction for both statements: each transaction costs a commit, and the worker takes a
-    # lease for every booking it syncs.
-    try:
-        with engine.begin() as connection:
-            taken = connection.execute(
-                update(BookingLease)
-                .where(BookingLease.booking_id == booking_id, BookingLease.expires_at <= now)
-                .values(owner=owner, expires_at=expires_at)
-            ).rowcount
-            if taken:
-                return True
-            connection.execute(
-                BookingLease.__table__.insert().values(booking_id=booking_id, owner=owner, expires_at=expires_at)
-            )
-    except IntegrityError:
-        return False
-    return True
+    dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(BookingLease)
+        .values([{"booking_id": booking_id, "owner": owner, "expires_at": expires_at} for booking_id in wanted])
+        .on_conflict_do_update(
+            index_elements=[BookingLease.booking_id],
+            set_={"owner": owner, "expires_at": expires_at},
+            where=BookingLease.expires_at <= now,
+        )
+        .returning(BookingLease.booking_id)
+    )
+    with engine.begin() as connection:
+        taken = set(connection.execute(statement).scalars())
+    return [booking_id for booking_id in wanted if booking_id in taken]
 
 
 def release_lease(engine: Engine, booking_id: str, owner: str) -> None:
@@ -113,6 +123,27 @@ def release_lease(engine: Engine, booking_id: str, owner: str) -> None:
         connection.execute(
             delete(BookingLease).where(BookingLease.booking_id == booking_id, BookingLease.owner == owner)
         )
+
+
+def release_lease_if_idle(connection: Connection, booking_id: str, owner: str) -> bool:
+    """Give the booking's lease back inside a transaction, unless it has a pending delivery due now.
+
+    Returns whether the lease was given back. A delivery stored after this check is found by the
+    next search for due bookings, because the booking then has no lease.
+    """
+    due = connection.execute(
+        select(Delivery.id)
+        .where(
+            Delivery.booking_id == booking_id,
+            Delivery.state == DeliveryState.PENDING,
+            Delivery.next_attempt_at <= utcnow(),
+        )
+        .limit(1)
+    ).first()
+    if due is not None:
+        return False
+    connection.execute(delete(BookingLease).where(BookingLease.booking_id == booking_id, BookingLease.owner == owner))
+    return True
 
 
 def renew_lease(connection: Connection, booking_id: str, owner: str, seconds: float) -> None:

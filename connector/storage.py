@@ -12,6 +12,8 @@ from sqlalchemy import Column, Index, LargeBinary, Text, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlmodel import Field, SQLModel, create_engine
 
+from connector.sqlite_lock import LockingConnection
+
 
 # A connection attempt to an unreachable PostgreSQL server fails after this long, so the
 # receiver returns 503 instead of hanging. A `connect_timeout` in DATABASE_URL overrides it.
@@ -20,6 +22,10 @@ POSTGRESQL_CONNECT_TIMEOUT_SECONDS = 10
 
 # The execution option that `read_only` sets, read by the SQLite `begin` listener.
 SQLITE_READ_ONLY_OPTION = "proximity_read_only"
+
+# The synchronous level of every SQLite connection, and the stricter one of the receiver's inserts.
+SQLITE_SYNCHRONOUS = "NORMAL"
+SQLITE_SYNCHRONOUS_DURABLE = "FULL"
 
 
 def utcnow() -> datetime:
@@ -102,7 +108,9 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url,
-            connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
+            connect_args={
+                "check_same_thread": False, "timeout": 30, "isolation_level": None, "factory": LockingConnection,
+            },
             pool_size=pool_size,
             max_overflow=pool_size,
         )
@@ -133,7 +141,12 @@ def parse_database_url(database_url: str) -> URL:
 def _configure_sqlite(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    # NORMAL: in WAL mode a commit is written to the log but not synced to disk, so it survives a
+    # crash of the process but not a power loss. The worker's bookkeeping commits this way, because
+    # it can be redone: event ids are derived from the booking, so a sync repeated after a power
+    # loss finds its own events. The receiver's commits, which acknowledge deliveries, are synced
+    # (see `SqliteInserter` in connector/intake.py), and each sync also covers every earlier commit.
+    cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
     cursor.execute("PRAGMA busy_timeout=30000")
     # Each pooled connection keeps its own page cache (2 MB by default), and in WAL mode it is
     # emptied at the start of every transaction after another connection wrote, which the
@@ -159,7 +172,11 @@ def _begin_immediate(connection) -> None:
     if connection.get_execution_options().get(SQLITE_READ_ONLY_OPTION):
         connection.exec_driver_sql("BEGIN")
         return
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    driver_connection = connection.connection.driver_connection
+    if isinstance(driver_connection, LockingConnection):
+        driver_connection.begin_write()
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def register_tables() -> None:

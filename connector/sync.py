@@ -69,6 +69,7 @@ from connector.queue import (
     load_pending,
     record_insert_intent,
     release_lease,
+    release_lease_if_idle,
     renew_lease,
     restore_mappings,
     schedule_retry,
@@ -192,6 +193,14 @@ class CalendarBreaker:
 
 
 @dataclass(frozen=True)
+class SyncRun:
+    """What one `BookingSync.sync` call did: deliveries finished or rescheduled, and whether the lease was given back."""
+
+    handled: int
+    lease_released: bool = False
+
+
+@dataclass(frozen=True)
 class Applied:
     """What a plan did: the mapping rows to write and a sentence for the log."""
 
@@ -230,17 +239,21 @@ class BookingSync:
         with self._lock:
             return set(self._predecessor_leases)
 
-    def sync(self, booking_id: str) -> int:
-        """Apply the booking's pending deliveries; return how many were finished or rescheduled."""
+    def sync(self, booking_id: str, *, release_when_done: bool = False) -> SyncRun:
+        """Apply the booking's pending deliveries, while the caller holds the booking's lease.
+
+        With `release_when_done`, the transaction that records an applied snapshot also gives the
+        lease back if no other delivery of the booking is due, which saves the caller a transaction.
+        """
         pending = load_pending(self.engine, booking_id)
         now = utcnow()
         if not any(delivery.next_attempt_at <= now for delivery in pending):
-            return 0
+            return SyncRun(0)
 
         started = time.perf_counter()
         deliveries, snapshots = self._snapshots(pending)
         if not deliveries:
-            return len(pending)
+            return SyncRun(len(pending))
         newest_index = max(range(len(snapshots)), key=lambda index: (snapshots[index].version, snapshots[index].rank))
         newest = snapshots[newest_index]
         predecessor_id = newest.rescheduled_from
@@ -253,50 +266,50 @@ class BookingSync:
             applied = self._apply(newest, predecessor_id)
         except ShutdownRequested:
             log.info("booking %s delivery %s: left pending because the worker is stopping", booking_id, newest.delivery_id)
-            return 0
+            return SyncRun(0)
         except BookingBusyError as error:
             delay = error.retry_after if error.retry_after is not None else self._busy_wait()
             self._retry(deliveries, newest_index, newest, str(error), delay, counted=False)
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         except CalendarPausedError as error:
             delay = error.seconds + random.uniform(0, self.backoff.base_seconds)
             self._retry(deliveries, newest_index, newest, self._describe(newest, error), delay, counted=False)
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         except RateLimitedError as error:
             # Rate limits and quotas mean "slower", not "broken": the pacer already holds back
             # the host's calls, and the delivery waits without using up an attempt.
             delay = self.backoff.wait(max(deliveries[newest_index].attempts, 1), error.retry_after)
             self._retry(deliveries, newest_index, newest, self._describe(newest, error), delay, counted=False)
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         except TransientCalendarError as error:
             if error.calendar_id:
                 pause = max(error.retry_after or 0.0, self.backoff.base_seconds)
                 self.breaker.trip(error.calendar_id, pause, error.describe())
             self._retry_counted(deliveries, newest_index, newest, self._describe(newest, error), error.retry_after)
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         except (CalendarError, PermanentSyncError, SnapshotError, NoRouteError) as error:
             self._fail(deliveries, newest_index, newest, self._describe(newest, error))
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         except SQLAlchemyError:
             raise
         except Exception as error:
             # A bug must not turn into a tight loop: the deliveries back off like a transient error.
             log.exception("booking %s delivery %s: unexpected error", booking_id, newest.delivery_id)
             self._retry_counted(deliveries, newest_index, newest, self._describe(newest, error), None)
-            return len(deliveries)
+            return SyncRun(len(deliveries))
         finally:
             if predecessor_leased:
                 with self._lock:
                     self._predecessor_leases.discard(predecessor_id)
                 release_lease(self.engine, predecessor_id, self.owner)
 
-        self._record(deliveries, newest_index, newest, applied)
+        released = self._record(deliveries, newest_index, newest, applied, release_when_done)
         elapsed_ms = (time.perf_counter() - started) * 1000
         log.info(
             "booking %s delivery %s: %s (%.0f ms)", booking_id, newest.delivery_id, applied.outcome, elapsed_ms,
             extra=outcome_fields(applied.outcome, applied.mapping, elapsed_ms),
         )
-        return len(deliveries)
+        return SyncRun(len(deliveries), lease_released=released)
 
     def _snapshots(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Snapshot]]:
         """Parse each delivery's body; fail the ones that no longer parse, and return the rest."""
@@ -508,11 +521,15 @@ class BookingSync:
         # add a second event, and its cancellation must not remove the carried-over one.
         return Applied(result, carried_over(predecessor_id, snapshot.booking_id), outcome)
 
-    def _record(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied) -> None:
+    def _record(
+        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied, release_when_done: bool
+    ) -> bool:
+        """Write the outcome in one transaction; return whether the booking's lease was given back too."""
         state = DeliveryState.STALE if applied.mapping is None else DeliveryState.APPLIED
         outcomes = self._superseded(deliveries, newest_index, newest)
         outcomes[deliveries[newest_index].id] = (state, applied.outcome)
 
+        released = False
         with Session(self.engine) as session:
             renew_lease(session.connection(), newest.booking_id, self.owner, self.lease_seconds)
             if applied.mapping is not None:
@@ -521,9 +538,13 @@ class BookingSync:
             if applied.predecessor is not None:
                 write_mapping(session, applied.predecessor)
             finish_deliveries(session, outcomes)
+            if release_when_done:
+                released = release_lease_if_idle(session.connection(), newest.booking_id, self.owner)
             session.commit()
+
         for state, _ in outcomes.values():
             DELIVERIES_FINISHED.labels(state).inc()
+        return released
 
     def _retry_counted(
         self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str, retry_after: float | None

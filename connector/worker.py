@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import Engine
 
-from connector.queue import acquire_lease, find_due_bookings, release_lease, renew_leases
+from connector.queue import acquire_lease, acquire_leases, find_due_bookings, release_lease, renew_leases
 
 if TYPE_CHECKING:
     from connector.sync import BookingSync
@@ -170,12 +170,12 @@ class SyncWorker:
         if free <= 0:
             return 0
 
+        due = find_due_bookings(self.engine, free, exclude=busy)
+        if self._stop.is_set():
+            return 0
+
         dispatched = 0
-        for booking_id in find_due_bookings(self.engine, free, exclude=busy):
-            if self._stop.is_set():
-                break
-            if not acquire_lease(self.engine, booking_id, self.owner, self.lease_seconds):
-                continue
+        for booking_id in acquire_leases(self.engine, due, self.owner, self.lease_seconds):
             with self._lock:
                 self._in_flight.add(booking_id)
             self._pool.submit(self._run_booking, booking_id)
@@ -191,14 +191,18 @@ class SyncWorker:
             self._wake.set()
 
     def _sync_booking(self, booking_id: str) -> None:
+        released = False
         try:
             while not self._stop.is_set():
-                if not self.booking_sync.sync(booking_id):
+                run = self.booking_sync.sync(booking_id, release_when_done=True)
+                released = run.lease_released
+                if released or not run.handled:
                     break
         except Exception:
             log.exception("booking %s: sync failed unexpectedly; its deliveries stay pending", booking_id)
         finally:
-            self._release(booking_id)
+            if not released:
+                self._release(booking_id)
 
     def _release_unstarted(self) -> None:
         """Release the bookings that were leased and queued, but whose sync never started."""

@@ -1,4 +1,4 @@
-"""`find_due_bookings`: which bookings the dispatcher takes next, and in what order."""
+"""`find_due_bookings` and leases: which bookings the dispatcher takes next, in what order, and who holds them."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from connector.queue import acquire_lease, find_due_bookings
-from connector.storage import Delivery, DeliveryState, create_tables, make_engine, utcnow
+from connector.queue import acquire_lease, acquire_leases, find_due_bookings, release_lease_if_idle
+from connector.storage import BookingLease, Delivery, DeliveryState, create_tables, make_engine, utcnow
 
 
 @pytest.fixture
@@ -73,3 +73,54 @@ def test_due_bookings_look_past_one_busy_booking(engine):
 
     assert find_due_bookings(engine, 3) == ["bkg_busy", "bkg_next", "bkg_last"]
     assert find_due_bookings(engine, 2, exclude={"bkg_busy"}) == ["bkg_next", "bkg_last"]
+
+
+def lease_owners(engine: Engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(BookingLease.booking_id, BookingLease.owner)).all())
+
+
+def test_acquire_leases_takes_free_and_expired(engine):
+    assert acquire_leases(engine, ["bkg_live", "bkg_expired"], "worker-other", 60) == ["bkg_live", "bkg_expired"]
+    with engine.begin() as connection:
+        connection.execute(
+            update(BookingLease).where(BookingLease.booking_id == "bkg_expired").values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+    taken = acquire_leases(engine, ["bkg_new", "bkg_live", "bkg_expired", "bkg_new"], "worker-me", 60)
+
+    assert taken == ["bkg_new", "bkg_expired"]
+    assert lease_owners(engine) == {"bkg_live": "worker-other", "bkg_expired": "worker-me", "bkg_new": "worker-me"}
+
+
+def test_acquire_leases_never_retakes_own_live_lease(engine):
+    assert acquire_leases(engine, ["bkg_a"], "worker-me", 60) == ["bkg_a"]
+
+    assert acquire_leases(engine, ["bkg_a"], "worker-me", 60) == []
+    assert acquire_lease(engine, "bkg_a", "worker-me", 60) is False
+
+
+def test_acquire_leases_empty_list(engine):
+    assert acquire_leases(engine, [], "worker-me", 60) == []
+
+
+def test_release_if_idle_keeps_lease_while_due(engine):
+    add_delivery(engine, "bkg_due", -5)
+    add_delivery(engine, "bkg_later", 60)
+    acquire_leases(engine, ["bkg_due", "bkg_later", "bkg_none"], "worker-me", 60)
+
+    with engine.begin() as connection:
+        released = {booking: release_lease_if_idle(connection, booking, "worker-me") for booking in ("bkg_due", "bkg_later", "bkg_none")}
+
+    assert released == {"bkg_due": False, "bkg_later": True, "bkg_none": True}
+    assert lease_owners(engine) == {"bkg_due": "worker-me"}
+
+
+def test_release_if_idle_leaves_other_owner(engine):
+    acquire_leases(engine, ["bkg_a"], "worker-other", 60)
+
+    with engine.begin() as connection:
+        released = release_lease_if_idle(connection, "bkg_a", "worker-me")
+
+    assert released is True
+    assert lease_owners(engine) == {"bkg_a": "worker-other"}
