@@ -52,7 +52,7 @@ class Plan:
 
 def full_plan(runs: int | None, generator: str) -> Plan:
     return Plan(
-        receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=10_000, generator=generator),
+        receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=20_000, generator=generator),
         # About half the rate the worker sustained in the worker benchmark, so it keeps up.
         latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=25.0),
         calls_bookings=20,
@@ -65,7 +65,7 @@ def full_plan(runs: int | None, generator: str) -> Plan:
 
 def smoke_plan(generator: str) -> Plan:
     return Plan(
-        receiver=ReceiverOptions(runs=1, seconds=1.0, capacity_per_second=8_000, generator=generator),
+        receiver=ReceiverOptions(runs=1, seconds=1.0, capacity_per_second=20_000, generator=generator),
         latency=LatencyOptions(runs=1, probes=3, background_rate=20.0, warmup_bookings=4, background_lead_seconds=0.5),
         calls_bookings=1,
         calls_settle_seconds=0.05,
