@@ -194,7 +194,7 @@ class CalendarBreaker:
 
 @dataclass(frozen=True)
 class SyncRun:
-    """What one `BookingSync.sync` call did: deliveries finished or rescheduled, and whether the lease was given back."""
+    """The result of one `BookingSync.sync` call: deliveries finished or rescheduled, and whether the lease was given back."""
 
     handled: int
     lease_released: bool = False
