@@ -24,39 +24,12 @@ from sqlalchemy.pool import NullPool
 from starlette.testclient import TestClient
 
 from connector.app import Connector, build_connector, build_web_app
+from connector.operator.send_test import SAMPLE_BOOKING
 from connector.schema import upgrade_schema
 from connector.settings import Settings, load_settings
 from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine, utcnow
 
 SECRET = "whsec_test_0123456789"
-
-SAMPLE_BOOKING: dict[str, Any] = {
-    "id": "bkg_xyz789",
-    "eventTypeId": "evt_abc123",
-    "eventTypeName": "30 Minute Call",
-    "eventTypeSlug": "30min-call",
-    "status": "Confirmed",
-    "startTime": "2026-03-16T14:00:00Z",
-    "endTime": "2026-03-16T14:30:00Z",
-    "hostUserId": "usr_host123",
-    "hostName": "Jane Doe",
-    "hostEmail": "jane@example.com",
-    "invitee": {
-        "name": "Alex Johnson",
-        "email": "alex@example.com",
-        "phone": "+1-555-0123",
-        "timezone": "America/New_York",
-        "locale": "en",
-        "notes": "Looking forward to it",
-    },
-    "location": {"type": "GoogleMeet", "value": "https://meet.google.com/abc-defg-hij"},
-    "customFields": {"company": "Acme Inc.", "role": "Engineering Manager"},
-    "source": "BookingPage",
-    "createdAt": "2026-03-16T14:05:00Z",
-    "cancelledAt": None,
-    "cancellationReason": None,
-    "rescheduledFrom": None,
-}
 
 _delivery_numbers = itertools.count(1)
 

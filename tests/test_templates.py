@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from connector.mappings import MappingsError, load_mappings
+from connector.operator.send_test import SAMPLE_BOOKING
 from connector.templates import (
     EventTemplate,
     Placeholder,
@@ -23,32 +24,10 @@ from connector.templates import (
 
 SHIPPED_MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
 
+# The documented sample booking, with notes whose rendering the description tests check.
 BOOKING: dict[str, Any] = {
-    "id": "bkg_xyz789",
-    "eventTypeId": "evt_abc123",
-    "eventTypeName": "30 Minute Call",
-    "eventTypeSlug": "30min-call",
-    "status": "Confirmed",
-    "startTime": "2026-03-16T14:00:00Z",
-    "endTime": "2026-03-16T14:30:00Z",
-    "hostUserId": "usr_host123",
-    "hostName": "Jane Doe",
-    "hostEmail": "jane@example.com",
-    "invitee": {
-        "name": "Alex Johnson",
-        "email": "alex@example.com",
-        "phone": "+1-555-0123",
-        "timezone": "America/New_York",
-        "locale": "en",
-        "notes": "Wants to talk about pricing.",
-    },
-    "location": {"type": "GoogleMeet", "value": "https://meet.google.com/abc-defg-hij"},
-    "customFields": {"company": "Acme Inc.", "role": "Engineering Manager"},
-    "source": "BookingPage",
-    "createdAt": "2026-03-16T14:05:00Z",
-    "cancelledAt": None,
-    "cancellationReason": None,
-    "rescheduledFrom": None,
+    **SAMPLE_BOOKING,
+    "invitee": {**SAMPLE_BOOKING["invitee"], "notes": "Wants to talk about pricing."},
 }
 
 DEFAULT_DESCRIPTION = (
