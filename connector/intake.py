@@ -15,7 +15,6 @@ SQLAlchemy Core.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import sqlite3
@@ -107,11 +106,15 @@ class DeliveryIntake:
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """Pass the deliveries gathered in this loop iteration to the writer thread."""
-        self._queue.put(self._gathering.pop(loop))
+        batch = self._gathering.pop(loop, None)
+        if batch:  # `close` may have handed this loop's deliveries over already
+            self._queue.put(batch)
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
         self._closed = True
+        for loop in list(self._gathering):
+            self._hand_over(loop)
         self._queue.put(None)
         self._thread.join(timeout=30)
         if self._sqlite is not None and not self._thread.is_alive():
@@ -218,7 +221,7 @@ class SqliteInserter:
         per_statement = max(1, connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(self.COLUMNS))
         results: list[bool] = []
         try:
-            with _writing(connection):
+            with connection.writing():
                 for start in range(0, len(rows), per_statement):
                     chunk = slice(start, start + per_statement)
                     results += self._insert_rows(connection, rows[chunk], records[chunk])
@@ -240,7 +243,7 @@ class SqliteInserter:
             self._pooled.close()
         self._pooled = None
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> LockingConnection:
         if self._pooled is None:
             self._pooled = self._engine.raw_connection()
             self._pooled.driver_connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS_DURABLE}")
@@ -284,13 +287,6 @@ class SqliteInserter:
             )
             self._statements[rows] = statement
         return statement
-
-
-def _writing(connection: sqlite3.Connection) -> contextlib.AbstractContextManager:
-    """Hold the process's write lock of the database, if the connection has one (see connector/sqlite_lock.py)."""
-    if isinstance(connection, LockingConnection):
-        return connection.writing()
-    return contextlib.nullcontext()
 
 
 def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:

@@ -95,8 +95,8 @@ def acquire_leases(engine: Engine, booking_ids: Sequence[str], owner: str, secon
     NOTE: expiry compares times written by different hosts' clocks, so a worker whose clock runs
     S seconds fast takes over expired-looking leases S seconds early; keep clocks synchronized.
     """
-    wanted = list(dict.fromkeys(booking_ids))
-    if not wanted:
+    requested = list(dict.fromkeys(booking_ids))
+    if not requested:
         return []
 
     now = utcnow()
@@ -104,7 +104,7 @@ def acquire_leases(engine: Engine, booking_ids: Sequence[str], owner: str, secon
     dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     statement = (
         dialect_insert(BookingLease)
-        .values([{"booking_id": booking_id, "owner": owner, "expires_at": expires_at} for booking_id in wanted])
+        .values([{"booking_id": booking_id, "owner": owner, "expires_at": expires_at} for booking_id in requested])
         .on_conflict_do_update(
             index_elements=[BookingLease.booking_id],
             set_={"owner": owner, "expires_at": expires_at},
@@ -113,8 +113,8 @@ def acquire_leases(engine: Engine, booking_ids: Sequence[str], owner: str, secon
         .returning(BookingLease.booking_id)
     )
     with engine.begin() as connection:
-        taken = set(connection.execute(statement).scalars())
-    return [booking_id for booking_id in wanted if booking_id in taken]
+        acquired = set(connection.execute(statement).scalars())
+    return [booking_id for booking_id in requested if booking_id in acquired]
 
 
 def release_lease(engine: Engine, booking_id: str, owner: str) -> None:

@@ -1,9 +1,9 @@
 """One write lock per SQLite database file and process, which writing threads queue on.
 
 SQLite lets one connection write at a time. A connection that finds the database locked waits in
-SQLite's busy handler, which sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and then 100 ms
-between retries (`sqliteDefaultBusyCallback` in SQLite's src/main.c, built with usleep), so a
-waiting thread can sleep long after the lock is free. Here a thread first takes a
+SQLite's busy handler (`sqliteDefaultBusyCallback` in SQLite's src/main.c, built with usleep).
+That handler sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and then 100 ms between retries, so
+a waiting thread can sleep long after the lock is free. Here a thread first takes a
 `threading.Lock` for the file and then the SQLite lock, so it wakes as soon as the previous writer
 of this process commits.
 

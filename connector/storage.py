@@ -172,11 +172,7 @@ def _begin_immediate(connection) -> None:
     if connection.get_execution_options().get(SQLITE_READ_ONLY_OPTION):
         connection.exec_driver_sql("BEGIN")
         return
-    driver_connection = connection.connection.driver_connection
-    if isinstance(driver_connection, LockingConnection):
-        driver_connection.begin_write()
-    else:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    connection.connection.driver_connection.begin_write()
 
 
 def register_tables() -> None:

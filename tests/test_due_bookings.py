@@ -87,9 +87,9 @@ def test_acquire_leases_takes_free_and_expired(engine):
             update(BookingLease).where(BookingLease.booking_id == "bkg_expired").values(expires_at=utcnow() - timedelta(seconds=1))
         )
 
-    taken = acquire_leases(engine, ["bkg_new", "bkg_live", "bkg_expired", "bkg_new"], "worker-me", 60)
+    acquired = acquire_leases(engine, ["bkg_new", "bkg_live", "bkg_expired", "bkg_new"], "worker-me", 60)
 
-    assert taken == ["bkg_new", "bkg_expired"]
+    assert acquired == ["bkg_new", "bkg_expired"]
     assert lease_owners(engine) == {"bkg_live": "worker-other", "bkg_expired": "worker-me", "bkg_new": "worker-me"}
 
 

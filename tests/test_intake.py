@@ -157,3 +157,16 @@ def test_store_after_close_raises(engine):
 
     with pytest.raises(IntakeClosedError):
         asyncio.run(intake.store(record("d1")))
+
+
+def test_close_stores_gathered_deliveries(engine):
+    intake = DeliveryIntake(engine)
+
+    async def store_then_close() -> bool:
+        pending = asyncio.ensure_future(intake.store(record("d1")))
+        await asyncio.sleep(0)  # the store runs and gathers its delivery, but the hand-over waits for the next iteration
+        intake.close()
+        return await asyncio.wait_for(pending, timeout=5)
+
+    assert asyncio.run(store_then_close()) is True
+    assert stored_ids(engine) == ["d1"]
