@@ -49,7 +49,12 @@ class Delivery(SQLModel, table=True):
     """One webhook delivery, stored before it is acknowledged."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        # All three columns, so SQLite's planner takes this index and not `ix_deliveries_due`
+        # for a booking's pending or due deliveries (see migration 0002).
+        Index("ix_deliveries_booking_due", "booking_id", "state", "next_attempt_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     delivery_id: str = Field(unique=True, max_length=200)
@@ -57,7 +62,7 @@ class Delivery(SQLModel, table=True):
     event: str = Field(max_length=100)
     version: str = Field(max_length=40, description="Envelope createdAt as fixed-width UTC text.")
     rank: int = 0
-    booking_id: str | None = Field(default=None, index=True, max_length=200)
+    booking_id: str | None = Field(default=None, max_length=200)
     body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
     received_at: datetime = Field(default_factory=utcnow)
     state: str = Field(default=DeliveryState.PENDING, max_length=20)

@@ -255,7 +255,9 @@ def test_upgrade_sql_renders_without_database(tmp_path):
     assert result.returncode == 0
     for table in sorted(CONNECTOR_TABLES):
         assert f"CREATE TABLE {table} (" in result.stdout
-    assert f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}')" in result.stdout
+    assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in result.stdout
+    assert "CREATE INDEX ix_deliveries_booking_due ON deliveries (booking_id, state, next_attempt_at)" in result.stdout
+    assert f"UPDATE alembic_version SET version_num='{head_revision()}'" in result.stdout
 
 
 def test_new_revision_writes_table_change(tmp_path, monkeypatch):
@@ -281,11 +283,27 @@ def test_new_revision_writes_table_change(tmp_path, monkeypatch):
         SQLModel.metadata.remove(probe)
         schema._scripts.cache_clear()
 
-    assert path.name == "0002_add_probe_notes.py"
-    assert head == "0002"
-    assert "down_revision = '0001'" in script
+    assert path.name == "0003_add_probe_notes.py"
+    assert head == "0003"
+    assert "down_revision = '0002'" in script
     assert "op.create_table('probe_notes'" in script
     assert "op.drop_table('probe_notes')" in script
     assert "sa.Column('author', sa.String(length=80), nullable=True)" in script
     assert "sa.Column('written_at', sa.DateTime(timezone=True), nullable=True)" in script
     assert "sqlmodel" not in script
+
+
+def test_booking_queries_use_booking_index(engine):
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the query plans checked here are SQLite's")
+    upgrade_schema(engine)
+    queries = {
+        "pending": "SELECT id FROM deliveries WHERE booking_id = 'b' AND state = 'pending' ORDER BY version",
+        "due": "SELECT id FROM deliveries WHERE booking_id = 'b' AND state = 'pending' AND next_attempt_at <= '2026-12-05'",
+        "retry": "SELECT min(next_attempt_at) FROM deliveries WHERE booking_id = 'b' AND state = 'pending' AND last_error IS NOT NULL",
+    }
+
+    with engine.connect() as connection:
+        for name, query in queries.items():
+            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + query))
+            assert "ix_deliveries_booking_due" in plan, (name, plan)
