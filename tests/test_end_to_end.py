@@ -7,9 +7,13 @@ Google client, and against the embedded iCalendar backend. Tests about Google's 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from sqlalchemy import event, select
 
 from connector.decisions import event_id_for
+from connector.storage import SQLITE_READ_ONLY_OPTION, BookingLease
 from tests.support import SECRET, booking, signed_delivery
 
 JANE = "jane@example.com"
@@ -120,6 +124,36 @@ def test_reschedule_same_id_moves_time_with_one_patch(google_connector, emulator
     assert len(events) == 1
     assert events[0]["start"]["dateTime"] == "2026-03-17T09:00:00Z"
     assert events[0]["end"]["dateTime"] == "2026-03-17T09:30:00Z"
+
+
+def test_reschedule_costs_two_write_transactions(google_connector, emulator):
+    engine = google_connector.connector.engine
+    if engine.dialect.name != "sqlite":
+        pytest.skip("only SQLite tells write transactions from reads: they start with BEGIN IMMEDIATE")
+    google_connector.deliver("booking.created", booking(), "2026-03-16T14:05:00Z")
+    google_connector.wait_idle()
+
+    write_threads: list[str] = []
+
+    def count_write(connection) -> None:
+        # Only the worker's threads (the dispatcher and the sync pool) count, not the test's polling.
+        thread_name = threading.current_thread().name
+        if thread_name.startswith("sync") and not connection.get_execution_options().get(SQLITE_READ_ONLY_OPTION):
+            write_threads.append(thread_name)
+
+    event.listen(engine, "begin", count_write)
+    try:
+        moved = booking(startTime="2026-03-17T09:00:00Z", endTime="2026-03-17T09:30:00Z")
+        google_connector.deliver("booking.rescheduled", moved, "2026-03-16T16:00:00Z")
+        google_connector.wait_idle()
+    finally:
+        event.remove(engine, "begin", count_write)
+
+    # One to take the lease, and one to record the outcome and give the lease back.
+    assert len(write_threads) == 2
+    with engine.connect() as connection:
+        assert connection.execute(select(BookingLease.booking_id)).all() == []
+    assert live_events(emulator)[0]["start"]["dateTime"] == "2026-03-17T09:00:00Z"
 
 
 def test_duplicate_delivery_id_stores_nothing_new(google_connector, emulator):
