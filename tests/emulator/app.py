@@ -83,6 +83,9 @@ class EmulatorApp:
         self._faults = faults
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
+        # Counts `clear_requests` calls. A call that started before the latest one, such as a call
+        # held by a fault's delay while its test ended, is neither executed nor recorded after it.
+        self._epoch = 0
         self.latency = 0.0
         self._starlette = Starlette(
             routes=[
@@ -108,9 +111,10 @@ class EmulatorApp:
             return list(self._requests)
 
     def clear_requests(self) -> None:
-        """Forget the recorded Calendar API calls."""
+        """Forget the recorded Calendar API calls, and the ones still in progress."""
         with self._lock:
             self._requests.clear()
+            self._epoch += 1
 
     async def token(self, request: Request) -> Response:
         """POST /token: exchange a JWT assertion or a refresh token for an access token."""
@@ -126,6 +130,7 @@ class EmulatorApp:
 
     async def calendar_api(self, request: Request) -> Response:
         """Handle one Calendar API call: latency, authentication, faults, the operation, recording."""
+        epoch = self._epoch
         call = await read_call(request)
         if self.latency > 0:
             await asyncio.sleep(self.latency)
@@ -151,6 +156,8 @@ class EmulatorApp:
                 if fault.status is not None:
                     raise fault.error()
 
+            if epoch != self._epoch:
+                raise ApiError(503, "backendError", "The emulator was reset while this call waited.")
             response = self._execute(route, user, calendar_id, call)
         except ApiError as error:
             response = error.response()
@@ -171,7 +178,7 @@ class EmulatorApp:
             response = ApiError(502, "backendError", "The emulator could not drop the connection.").response()
 
         # Record before closing, so the call is recorded by the time the client sees the closed connection.
-        self._record(call, route, calendar_id, user, 0 if transport else response.status_code, fault)
+        self._record(call, route, calendar_id, user, 0 if transport else response.status_code, fault, epoch)
         if transport is not None:
             transport.close()
             # Let the server notice the closed connection, so it discards the response that follows.
@@ -235,6 +242,7 @@ class EmulatorApp:
         user: str | None,
         status: int,
         fault: Fault | None,
+        epoch: int,
     ) -> None:
         try:
             body = json.loads(call.body) if call.body and call.method != "GET" else None
@@ -256,7 +264,8 @@ class EmulatorApp:
             fault=fault,
         )
         with self._lock:
-            self._requests.append(record)
+            if epoch == self._epoch:
+                self._requests.append(record)
 
 
 async def read_call(request: Request) -> ApiCall:

@@ -50,9 +50,9 @@ class CalendarEmulator:
 
         Registered keys, delegation settings and issued access tokens stay valid.
         """
+        self._app.clear_requests()  # first, so a call still in progress cannot reach the new store
         self._store.reset()
         self._faults.clear()
-        self._app.clear_requests()
         self._issuer.clear_requests()
         self._app.latency = 0.0
 
