@@ -29,7 +29,6 @@ from typing import Protocol
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session
 
 from connector.calendars.base import (
     CalendarBackend,
@@ -61,12 +60,14 @@ from connector.logs import bind_delivery, outcome_fields
 from connector.metrics import DELIVERIES_FINISHED
 from connector.event_content import RenderedText, build_event_body
 from connector.queue import (
+    DELIVERIES,
     MappingUpdate,
+    PendingDelivery,
     acquire_lease,
     carried_over,
     finish_deliveries,
+    load_booking,
     load_current,
-    load_pending,
     record_insert_intent,
     release_lease,
     release_lease_if_idle,
@@ -79,7 +80,7 @@ from connector.queue import (
 )
 from connector.routing import NoRouteError
 from connector.snapshots import Snapshot, SnapshotError
-from connector.storage import Delivery, DeliveryState, utcnow
+from connector.storage import DeliveryState, utcnow
 from connector.worker import ShutdownRequested
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class BookingSync:
         With `release_when_done`, the transaction that records an applied snapshot also gives the
         lease back if no other delivery of the booking is due, which saves the caller a transaction.
         """
-        pending = load_pending(self.engine, booking_id)
+        pending, current = load_booking(self.engine, booking_id)
         now = utcnow()
         if not any(delivery.next_attempt_at <= now for delivery in pending):
             return SyncRun(0)
@@ -263,7 +264,7 @@ class BookingSync:
         try:
             if predecessor_id is not None:
                 predecessor_leased = self._lease_predecessor(predecessor_id)
-            applied = self._apply(newest, predecessor_id)
+            applied = self._apply(newest, current, predecessor_id)
         except ShutdownRequested:
             log.info("booking %s delivery %s: left pending because the worker is stopping", booking_id, newest.delivery_id)
             return SyncRun(0)
@@ -311,9 +312,9 @@ class BookingSync:
         )
         return SyncRun(len(deliveries), lease_released=released)
 
-    def _snapshots(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Snapshot]]:
+    def _snapshots(self, deliveries: list[PendingDelivery]) -> tuple[list[PendingDelivery], list[Snapshot]]:
         """Parse each delivery's body; fail the ones that no longer parse, and return the rest."""
-        parsed: list[tuple[Delivery, Snapshot]] = []
+        parsed: list[tuple[PendingDelivery, Snapshot]] = []
         broken: dict[int, tuple[str, str]] = {}
         for delivery in deliveries:
             try:
@@ -326,13 +327,12 @@ class BookingSync:
                 log.error("booking %s delivery %s failed: %s", delivery.booking_id, delivery.delivery_id, message)
 
         if broken:
-            with Session(self.engine) as session:
-                finish_deliveries(session, broken)
-                session.commit()
+            with self.engine.begin() as connection:
+                finish_deliveries(connection, broken)
             DELIVERIES_FINISHED.labels(DeliveryState.FAILED).inc(len(broken))
         return [delivery for delivery, _ in parsed], [snapshot for _, snapshot in parsed]
 
-    def _snapshot(self, delivery: Delivery) -> Snapshot:
+    def _snapshot(self, delivery: PendingDelivery) -> Snapshot:
         envelope = parse_envelope(delivery.body or b"")
         return Snapshot(
             booking_id=delivery.booking_id or "",
@@ -368,8 +368,7 @@ class BookingSync:
     def _busy_wait(self) -> float:
         return min(BUSY_RETRY_SECONDS, self.backoff.base_seconds)
 
-    def _apply(self, snapshot: Snapshot, predecessor_id: str | None) -> Applied:
-        current = load_current(self.engine, snapshot.booking_id)
+    def _apply(self, snapshot: Snapshot, current: CurrentEvent, predecessor_id: str | None) -> Applied:
         predecessor = None
         if predecessor_id is not None:
             predecessor = (predecessor_id, load_current(self.engine, predecessor_id))
@@ -522,32 +521,32 @@ class BookingSync:
         return Applied(result, carried_over(predecessor_id, snapshot.booking_id), outcome)
 
     def _record(
-        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, applied: Applied, release_when_done: bool
+        self, deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot, applied: Applied, release_when_done: bool
     ) -> bool:
         """Write the outcome in one transaction; return whether the booking's lease was given back too."""
         state = DeliveryState.STALE if applied.mapping is None else DeliveryState.APPLIED
         outcomes = self._superseded(deliveries, newest_index, newest)
         outcomes[deliveries[newest_index].id] = (state, applied.outcome)
 
-        released = False
-        with Session(self.engine) as session:
-            renew_lease(session.connection(), newest.booking_id, self.owner, self.lease_seconds)
+        # The lease is checked last, in the same transaction: if another worker took the booking
+        # over, LeaseLostError rolls back everything this transaction wrote.
+        with self.engine.begin() as connection:
             if applied.mapping is not None:
-                write_mapping(session, applied.mapping)
-                supersede_failed(session, newest.booking_id, newest.version, newest.rank, newest.delivery_id)
+                write_mapping(connection, applied.mapping)
+                supersede_failed(connection, newest.booking_id, newest.version, newest.rank, newest.delivery_id)
             if applied.predecessor is not None:
-                write_mapping(session, applied.predecessor)
-            finish_deliveries(session, outcomes)
-            if release_when_done:
-                released = release_lease_if_idle(session.connection(), newest.booking_id, self.owner)
-            session.commit()
+                write_mapping(connection, applied.predecessor)
+            finish_deliveries(connection, outcomes)
+            released = release_when_done and release_lease_if_idle(connection, newest.booking_id, self.owner)
+            if not released:
+                renew_lease(connection, newest.booking_id, self.owner, self.lease_seconds)
 
         for state, _ in outcomes.values():
             DELIVERIES_FINISHED.labels(state).inc()
         return released
 
     def _retry_counted(
-        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str, retry_after: float | None
+        self, deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot, error: str, retry_after: float | None
     ) -> None:
         """Put the newest delivery back with its backoff, or fail it when its last attempt is used up."""
         attempts = deliveries[newest_index].attempts + 1
@@ -558,14 +557,13 @@ class BookingSync:
         self._retry(deliveries, newest_index, newest, error, delay, counted=True)
 
     def _retry(
-        self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str, delay: float, *, counted: bool
+        self, deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot, error: str, delay: float, *, counted: bool
     ) -> None:
         """Put the newest delivery back to be tried `delay` seconds from now; the older ones are superseded."""
         newest_row = deliveries[newest_index]
-        with Session(self.engine) as session:
-            finish_deliveries(session, self._superseded(deliveries, newest_index, newest))
-            schedule_retry(session, newest_row.id, error, delay, counted=counted)
-            session.commit()
+        with self.engine.begin() as connection:
+            finish_deliveries(connection, self._superseded(deliveries, newest_index, newest))
+            schedule_retry(connection, newest_row.id, error, delay, counted=counted)
 
         DELIVERIES_FINISHED.labels("retried").inc()
         DELIVERIES_FINISHED.labels(DeliveryState.STALE).inc(len(deliveries) - 1)
@@ -575,23 +573,22 @@ class BookingSync:
             newest.booking_id, newest.delivery_id, delay, attempt, error,
         )
 
-    def _fail(self, deliveries: list[Delivery], newest_index: int, newest: Snapshot, error: str) -> None:
+    def _fail(self, deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot, error: str) -> None:
         """Mark the newest delivery failed with the error in words; the older ones are superseded."""
         outcomes = self._superseded(deliveries, newest_index, newest)
         outcomes[deliveries[newest_index].id] = (DeliveryState.FAILED, error)
-        with Session(self.engine) as session:
-            finish_deliveries(session, outcomes)
-            session.execute(
-                Delivery.__table__.update().where(Delivery.id == deliveries[newest_index].id)
-                .values(attempts=Delivery.attempts + 1)
+        with self.engine.begin() as connection:
+            finish_deliveries(connection, outcomes)
+            connection.execute(
+                DELIVERIES.update().where(DELIVERIES.c.id == deliveries[newest_index].id)
+                .values(attempts=DELIVERIES.c.attempts + 1)
             )
-            session.commit()
         for state, _ in outcomes.values():
             DELIVERIES_FINISHED.labels(state).inc()
         log.error("booking %s delivery %s failed: %s", newest.booking_id, newest.delivery_id, error)
 
     @staticmethod
-    def _superseded(deliveries: list[Delivery], newest_index: int, newest: Snapshot) -> dict[int, tuple[str, str]]:
+    def _superseded(deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot) -> dict[int, tuple[str, str]]:
         """Return the outcome of every delivery but the newest: stale, because a newer snapshot exists."""
         return {
             delivery.id: (DeliveryState.STALE, f"superseded by delivery {newest.delivery_id}")

@@ -122,5 +122,5 @@ def test_release_if_idle_leaves_other_owner(engine):
     with engine.begin() as connection:
         released = release_lease_if_idle(connection, "bkg_a", "worker-me")
 
-    assert released is True
+    assert released is False
     assert lease_owners(engine) == {"bkg_a": "worker-other"}
