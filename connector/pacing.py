@@ -6,6 +6,10 @@ spaces calls evenly instead of letting them burst: a user's calls are at least
 `60 / per_project_per_minute` seconds apart. Each caller reserves the next free slot
 under a lock and then sleeps outside it, so concurrent threads get distinct slots and
 never wait on each other's sleep.
+
+A caller takes its project slot only after it has waited for its user's slot. A project
+slot reserved together with a user slot seconds ahead would hold back every other user's
+calls until then, so one busy user would slow down all of them.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ class Pacer:
     def acquire(self, user: str, timeout: float | None = None) -> float:
         """Block until `user` may make one call, and return the seconds spent waiting.
 
-        With a `timeout`, a wait longer than it reserves nothing and raises
-        PacingTimeoutError, so a caller can give up instead of holding a thread.
+        With a `timeout`, a wait for the user's slot longer than `timeout` reserves nothing
+        and raises PacingTimeoutError, so a caller can give up instead of holding a thread.
         """
         with self._lock:
             now = self._clock()
@@ -85,14 +89,28 @@ class Pacer:
                     self._prune(now)
                 slots = self._users[user] = _UserSlots()
 
-            slot = max(now, slots.next_slot, slots.blocked_until, self._project_next_slot)
+            slot = max(now, slots.next_slot, slots.blocked_until)
             wait = slot - now
             if timeout is not None and wait > timeout:
                 raise PacingTimeoutError(user, wait)
-
             slots.next_slot = slot + self._user_interval
+
+        if wait > 0:
+            self._sleep(wait)
+        return wait + self._take_project_slot()
+
+    def _take_project_slot(self) -> float:
+        """Wait for the project's next free slot; return the seconds spent waiting.
+
+        Only callers that are ready to call take a project slot, so the wait is at most one
+        project interval per concurrent caller.
+        """
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._project_next_slot)
             self._project_next_slot = slot + self._project_interval
 
+        wait = slot - now
         if wait > 0:
             self._sleep(wait)
         return wait
@@ -107,13 +125,17 @@ class Pacer:
             slots = self._users.setdefault(user, _UserSlots())
             slots.blocked_until = max(slots.blocked_until, now + seconds)
 
-    def delay(self, user: str) -> float:
-        """Return the seconds a call of `user` made now would wait, without reserving a slot."""
+    def delay(self, user: str, calls_ahead: int = 0) -> float:
+        """Return the seconds a call of `user` made now would wait, without reserving a slot.
+
+        With `calls_ahead`, the call is counted as coming after that many more calls of the
+        same user, each of which takes a slot first.
+        """
         with self._lock:
             now = self._clock()
             slots = self._users.get(user, _UserSlots())
-            slot = max(now, slots.next_slot, slots.blocked_until, self._project_next_slot)
-            return slot - now
+            user_slot = max(now, slots.next_slot, slots.blocked_until) + calls_ahead * self._user_interval
+            return max(user_slot, self._project_next_slot) - now
 
     def _prune(self, now: float) -> None:
         """Drop users whose slots are all in the past, because they would not delay a call."""

@@ -8,7 +8,7 @@ whose worker died expires and is taken over.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -33,10 +33,10 @@ DELIVERIES = Delivery.__table__
 MAPPINGS = BookingMapping.__table__
 LEASES = BookingLease.__table__
 
-# The statements that every booking change runs are built once, here, from the tables' columns.
-# SQLAlchemy then finds each one's compiled SQL in its cache, while a statement built per call
-# was traversed for its cache key every time, and the ORM's session added its own work on top:
-# together more than half of the worker's CPU time per change.
+# The statements that every booking change runs are built once, here, from the tables' columns,
+# so SQLAlchemy finds each one's compiled SQL in its cache without building a cache key first.
+# Statements built per call, run through ORM sessions, took more than half of the worker's CPU
+# time per change (docs/benchmarks.md).
 
 _SELECT_PENDING = (
     select(
@@ -47,12 +47,39 @@ _SELECT_PENDING = (
     .order_by(DELIVERIES.c.version, DELIVERIES.c.rank, DELIVERIES.c.id)
 )
 
+_SELECT_DUE = (
+    select(
+        DELIVERIES.c.booking_id, DELIVERIES.c.next_attempt_at, DELIVERIES.c.id, MAPPINGS.c.calendar_id,
+        MAPPINGS.c.acting_user,
+    )
+    .select_from(DELIVERIES.outerjoin(MAPPINGS, MAPPINGS.c.booking_id == DELIVERIES.c.booking_id))
+    .where(
+        DELIVERIES.c.state == DeliveryState.PENDING,
+        DELIVERIES.c.next_attempt_at <= bindparam("now"),
+        DELIVERIES.c.booking_id.is_not(None),
+        DELIVERIES.c.booking_id.not_in(select(LEASES.c.booking_id).where(LEASES.c.expires_at > bindparam("now"))),
+    )
+    .order_by(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id)
+    .limit(bindparam("page_size"))
+)
+
+# The next page of `_SELECT_DUE`, after the last (due time, row id) read.
+_SELECT_DUE_AFTER = _SELECT_DUE.where(
+    tuple_(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id) > tuple_(
+        bindparam("after_time", type_=DELIVERIES.c.next_attempt_at.type), bindparam("after_id", type_=DELIVERIES.c.id.type)
+    )
+)
+
 _SELECT_MAPPING = select(MAPPINGS).where(MAPPINGS.c.booking_id == bindparam("booking"))
 
 _RENEW_LEASE = (
     update(LEASES)
     .where(LEASES.c.booking_id == bindparam("booking"), LEASES.c.owner == bindparam("lease_owner"))
     .values(expires_at=bindparam("new_expiry"))
+)
+
+_RELEASE_LEASE = delete(LEASES).where(
+    LEASES.c.booking_id == bindparam("booking"), LEASES.c.owner == bindparam("lease_owner")
 )
 
 _RELEASE_LEASE_IF_IDLE = delete(LEASES).where(
@@ -89,7 +116,7 @@ _SUPERSEDE_FAILED = (
     .values(state=DeliveryState.STALE, outcome=bindparam("new_outcome"), finished_at=bindparam("now"))
 )
 
-# The columns a sync sets in a booking's mapping row; `created_at` is set only when the row is new.
+# The columns a sync sets in a booking's mapping row. `created_at` is set only when the row is new.
 _SYNCED_COLUMNS = (
     "state", "calendar_id", "acting_user", "event_id", "generation", "version", "rank", "field_digests",
     "event_digest", "carried_to", "last_delivery_id", "updated_at",
@@ -129,45 +156,61 @@ class PendingDelivery:
     next_attempt_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class DueBooking:
+    """A booking with a due pending delivery, and the calendar its mapping names, if it has one yet."""
+
+    booking_id: str
+    target: Target | None
+
+
 def find_due_bookings(engine: Engine, limit: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """Return bookings that have a due pending delivery and no live lease, longest due first.
+    """Return bookings that have a due pending delivery and no live lease, longest due first; see `find_due`."""
+    return [due.booking_id for due in find_due(engine, limit, exclude)]
+
+
+def find_due(
+    engine: Engine,
+    limit: int,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    admit: Callable[[DueBooking], bool] | None = None,
+    max_rows: int | None = None,
+) -> list[DueBooking]:
+    """Return up to `limit` bookings that have a due pending delivery and no live lease, longest due first.
 
     Ordering by due time rather than by arrival keeps a booking that fails again and again from
-    getting ahead of deliveries that became due before its retry did.
+    getting ahead of deliveries that became due before its retry did. A booking in `exclude`,
+    or one that `admit` returns False for, is passed over. With `max_rows`, the search stops
+    after reading that many deliveries, even if it found fewer than `limit` bookings.
     """
-    now = utcnow()
-    live_lease = select(BookingLease.booking_id).where(BookingLease.expires_at > now)
-    query = (
-        select(Delivery.booking_id, Delivery.next_attempt_at, Delivery.id)
-        .where(
-            Delivery.state == DeliveryState.PENDING,
-            Delivery.next_attempt_at <= now,
-            Delivery.booking_id.is_not(None),
-            Delivery.booking_id.not_in(live_lease),
-        )
-        .order_by(Delivery.next_attempt_at, Delivery.id)
-    )
-
     # Deliveries are read in due order through the `ix_deliveries_due` index, a page at a time,
     # until `limit` bookings are found: a booking's first delivery in that order is its longest
     # due one. Grouping all pending deliveries by booking instead made every call cost time in
     # proportion to the whole backlog.
     page_size = max(64, 4 * (limit + len(exclude)))
-    found: list[str] = []
+    if max_rows is not None:
+        page_size = min(page_size, max_rows)
+    parameters = {"now": utcnow(), "page_size": page_size}
+    found: list[DueBooking] = []
     seen = set(exclude)
+    read = 0
     with read_only(engine).begin() as connection:
-        after: tuple[datetime, int] | None = None
-        while len(found) < limit:
-            page_query = query if after is None else query.where(tuple_(Delivery.next_attempt_at, Delivery.id) > after)
-            rows = connection.execute(page_query.limit(page_size)).all()
-            for booking_id, _, _ in rows:
-                if booking_id not in seen:
-                    seen.add(booking_id)
-                    found.append(booking_id)
-            if len(rows) < page_size:
-                break
-            after = (rows[-1].next_attempt_at, rows[-1].id)
-    return found[:limit]
+        rows = connection.execute(_SELECT_DUE, parameters).all()
+        while True:
+            read += len(rows)
+            for booking_id, _, _, calendar_id, acting_user in rows:
+                if booking_id in seen:
+                    continue
+                seen.add(booking_id)
+                due = DueBooking(booking_id, Target(calendar_id, acting_user) if calendar_id else None)
+                if admit is None or admit(due):
+                    found.append(due)
+                    if len(found) == limit:
+                        return found
+            if len(rows) < page_size or (max_rows is not None and read >= max_rows):
+                return found
+            after = {"after_time": rows[-1].next_attempt_at, "after_id": rows[-1].id}
+            rows = connection.execute(_SELECT_DUE_AFTER, {**parameters, **after}).all()
 
 
 def next_due_time(engine: Engine) -> datetime | None:
@@ -224,6 +267,15 @@ def release_lease(engine: Engine, booking_id: str, owner: str) -> None:
         connection.execute(
             delete(BookingLease).where(BookingLease.booking_id == booking_id, BookingLease.owner == owner)
         )
+
+
+def hand_back_lease(connection: Connection, booking_id: str, owner: str) -> bool:
+    """Give the owner's lease on the booking back inside a transaction, even if a delivery is due.
+
+    Returns whether the owner held the lease. The booking's due deliveries are then found by the
+    next search for due bookings, by this worker or another.
+    """
+    return connection.execute(_RELEASE_LEASE, {"booking": booking_id, "lease_owner": owner}).rowcount == 1
 
 
 def release_lease_if_idle(connection: Connection, booking_id: str, owner: str) -> bool:

@@ -66,6 +66,7 @@ from connector.queue import (
     acquire_lease,
     carried_over,
     finish_deliveries,
+    hand_back_lease,
     load_booking,
     load_current,
     record_insert_intent,
@@ -81,7 +82,7 @@ from connector.queue import (
 from connector.routing import NoRouteError
 from connector.snapshots import Snapshot, SnapshotError
 from connector.storage import DeliveryState, utcnow
-from connector.worker import ShutdownRequested
+from connector.worker import MAX_DISPATCH_WAIT_SECONDS, ShutdownRequested
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,9 @@ class BookingSync:
 
         With `release_when_done`, the transaction that records an applied snapshot also gives the
         lease back if no other delivery of the booking is due, which saves the caller a transaction.
+        It gives the lease back even then if the booking's calendar cannot be called again within
+        MAX_DISPATCH_WAIT_SECONDS. The thread then serves other bookings while the pacer spaces out
+        this booking's calls, and the worker's dispatcher hands the booking out again later.
         """
         pending, current = load_booking(self.engine, booking_id)
         now = utcnow()
@@ -537,13 +541,23 @@ class BookingSync:
             if applied.predecessor is not None:
                 write_mapping(connection, applied.predecessor)
             finish_deliveries(connection, outcomes)
-            released = release_when_done and release_lease_if_idle(connection, newest.booking_id, self.owner)
+            released = False
+            if release_when_done and self._paced(applied.mapping):
+                released = hand_back_lease(connection, newest.booking_id, self.owner)
+            elif release_when_done:
+                released = release_lease_if_idle(connection, newest.booking_id, self.owner)
             if not released:
                 renew_lease(connection, newest.booking_id, self.owner, self.lease_seconds)
 
         for state, _ in outcomes.values():
             DELIVERIES_FINISHED.labels(state).inc()
         return released
+
+    def _paced(self, mapping: MappingUpdate | None) -> bool:
+        """Return whether the next call for the booking's calendar would wait longer for the pacer than a dispatch may."""
+        if mapping is None or mapping.target is None:
+            return False
+        return self.backend.pacing_wait(mapping.target) > MAX_DISPATCH_WAIT_SECONDS
 
     def _retry_counted(
         self, deliveries: list[PendingDelivery], newest_index: int, newest: Snapshot, error: str, retry_after: float | None

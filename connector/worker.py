@@ -16,17 +16,42 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import Engine
 
-from connector.queue import acquire_lease, acquire_leases, find_due_bookings, release_lease, renew_leases
+from connector.queue import (
+    DueBooking,
+    acquire_lease,
+    acquire_leases,
+    find_due,
+    find_due_bookings,
+    release_lease,
+    renew_leases,
+)
 
 if TYPE_CHECKING:
+    from connector.calendars.base import Target
     from connector.sync import BookingSync
 
 log = logging.getLogger(__name__)
+
+# A due booking is handed to a thread only if the pacer would let its calendar call go within
+# this many seconds, counting the calls of the same acting user already handed out. A booking
+# of a user whose calls are spaced out right now waits in the queue, not in a thread, so one
+# host with many changes cannot hold every thread while other hosts' changes wait.
+MAX_DISPATCH_WAIT_SECONDS = 0.05
+
+# Pacing waits longer than this are not waited out in the queue, because such a user was slowed
+# down after a rate-limit or quota error. Its bookings are handed out, and their syncs put the
+# deliveries back with a retry time.
+MAX_QUEUED_PACING_SECONDS = 5.0
+
+# The maximum number of pending deliveries that one search for work reads while it passes over
+# paced bookings.
+MAX_ROWS_PER_DISPATCH = 1024
 
 
 class ShutdownRequested(Exception):
@@ -93,7 +118,8 @@ class SyncWorker:
         self.housekeeping = housekeeping
         self._stop = stop_signal or StopSignal()
         self._wake = threading.Event()
-        self._in_flight: set[str] = set()
+        # Bookings handed to threads, with the calendar their mapping named when they were.
+        self._in_flight: dict[str, Target | None] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sync")
         self._dispatcher = threading.Thread(target=self._dispatch_forever, name="sync-dispatcher", daemon=True)
@@ -147,12 +173,13 @@ class SyncWorker:
                 if time.monotonic() - renewed_at >= renew_every:
                     self._renew_leases()
                     renewed_at = time.monotonic()
-                dispatched = self._dispatch_once()
+                dispatched, retry_in = self._dispatch_once()
             except Exception as error:  # the database is unreachable: keep trying at poll pace
                 log.error("sync worker could not look for work: %s", error)
-                dispatched = 0
+                dispatched, retry_in = 0, None
             if not dispatched:
-                self._wake.wait(min(self.poll_seconds, renew_every))
+                timeout = min(self.poll_seconds, renew_every, retry_in if retry_in is not None else self.poll_seconds)
+                self._wake.wait(timeout)
 
     def _renew_leases(self) -> None:
         with self._lock:
@@ -163,31 +190,50 @@ class SyncWorker:
             log.warning("sync worker %s: %d of %d leases were taken over before renewal",
                         self.owner, len(booking_ids) - renewed, len(booking_ids))
 
-    def _dispatch_once(self) -> int:
+    def _dispatch_once(self) -> tuple[int, float | None]:
+        """Hand due bookings to free threads; return how many, and when bookings passed over are ready."""
         with self._lock:
             free = self.threads - len(self._in_flight)
             busy = frozenset(self._in_flight)
+            calls_ahead = Counter(target.acting_user for target in self._in_flight.values() if target is not None)
         if free <= 0:
-            return 0
+            return 0, None
 
-        due = find_due_bookings(self.engine, free, exclude=busy)
+        backend = self.booking_sync.backend
+        shortest_wait: float | None = None
+
+        def ready_now(due: DueBooking) -> bool:
+            nonlocal shortest_wait
+            if due.target is None:  # no event yet, so the calendar is not known before routing
+                return True
+            wait = backend.pacing_wait(due.target, calls_ahead[due.target.acting_user])
+            if MAX_DISPATCH_WAIT_SECONDS < wait <= MAX_QUEUED_PACING_SECONDS:
+                shortest_wait = wait if shortest_wait is None else min(shortest_wait, wait)
+                return False
+            calls_ahead[due.target.acting_user] += 1
+            return True
+
+        due = find_due(self.engine, free, exclude=busy, admit=ready_now, max_rows=MAX_ROWS_PER_DISPATCH)
         if self._stop.is_set():
-            return 0
+            return 0, None
 
+        targets = {booking.booking_id: booking.target for booking in due}
         dispatched = 0
-        for booking_id in acquire_leases(self.engine, due, self.owner, self.lease_seconds):
+        for booking_id in acquire_leases(self.engine, list(targets), self.owner, self.lease_seconds):
             with self._lock:
-                self._in_flight.add(booking_id)
+                self._in_flight[booking_id] = targets[booking_id]
             self._pool.submit(self._run_booking, booking_id)
             dispatched += 1
-        return dispatched
+
+        retry_in = None if shortest_wait is None else max(shortest_wait - MAX_DISPATCH_WAIT_SECONDS, 0.001)
+        return dispatched, retry_in
 
     def _run_booking(self, booking_id: str) -> None:
         try:
             self._sync_booking(booking_id)
         finally:
             with self._lock:
-                self._in_flight.discard(booking_id)
+                self._in_flight.pop(booking_id, None)
             self._wake.set()
 
     def _sync_booking(self, booking_id: str) -> None:

@@ -9,8 +9,17 @@ import pytest
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from connector.queue import acquire_lease, acquire_leases, find_due_bookings, release_lease_if_idle
-from connector.storage import BookingLease, Delivery, DeliveryState, create_tables, make_engine, utcnow
+from connector.calendars.base import Target
+from connector.queue import (
+    DueBooking,
+    acquire_lease,
+    acquire_leases,
+    find_due,
+    find_due_bookings,
+    hand_back_lease,
+    release_lease_if_idle,
+)
+from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, create_tables, make_engine, utcnow
 
 
 @pytest.fixture
@@ -75,6 +84,46 @@ def test_due_bookings_look_past_one_busy_booking(engine):
     assert find_due_bookings(engine, 2, exclude={"bkg_busy"}) == ["bkg_next", "bkg_last"]
 
 
+def test_find_due_names_mapped_calendar(engine):
+    add_delivery(engine, "bkg_mapped", -5)
+    add_delivery(engine, "bkg_new", -1)
+    with engine.begin() as connection:
+        connection.execute(insert(BookingMapping).values(
+            booking_id="bkg_mapped", calendar_id="team@example.com", acting_user="ana@example.com", state="live",
+        ))
+
+    assert find_due(engine, 10) == [
+        DueBooking("bkg_mapped", Target("team@example.com", "ana@example.com")),
+        DueBooking("bkg_new", None),
+    ]
+
+
+def test_find_due_passes_over_bookings_not_admitted(engine):
+    for index, booking_id in enumerate(["bkg_a", "bkg_b", "bkg_c", "bkg_d"]):
+        add_delivery(engine, booking_id, -10 + index)
+    offered: list[str] = []
+
+    def admit(due: DueBooking) -> bool:
+        offered.append(due.booking_id)
+        return due.booking_id != "bkg_a"
+
+    assert [due.booking_id for due in find_due(engine, 2, admit=admit)] == ["bkg_b", "bkg_c"]
+    assert offered == ["bkg_a", "bkg_b", "bkg_c"]
+
+
+def test_find_due_stops_after_max_rows(engine):
+    for index in range(10):
+        add_delivery(engine, f"bkg_{index}", -10 + index)
+    offered: list[str] = []
+
+    def reject(due: DueBooking) -> bool:
+        offered.append(due.booking_id)
+        return False
+
+    assert find_due(engine, 5, admit=reject, max_rows=3) == []
+    assert offered == ["bkg_0", "bkg_1", "bkg_2"]
+
+
 def lease_owners(engine: Engine) -> dict[str, str]:
     with engine.connect() as connection:
         return dict(connection.execute(select(BookingLease.booking_id, BookingLease.owner)).all())
@@ -124,3 +173,15 @@ def test_release_if_idle_leaves_other_owner(engine):
 
     assert released is False
     assert lease_owners(engine) == {"bkg_a": "worker-other"}
+
+
+def test_hand_back_lease_even_while_due(engine):
+    add_delivery(engine, "bkg_due", -5)
+    acquire_leases(engine, ["bkg_due", "bkg_other"], "worker-me", 60)
+    acquire_leases(engine, ["bkg_theirs"], "worker-other", 60)
+
+    with engine.begin() as connection:
+        handed_back = {booking: hand_back_lease(connection, booking, "worker-me") for booking in ("bkg_due", "bkg_theirs")}
+
+    assert handed_back == {"bkg_due": True, "bkg_theirs": False}
+    assert lease_owners(engine) == {"bkg_other": "worker-me", "bkg_theirs": "worker-other"}

@@ -69,6 +69,20 @@ def test_project_rate_limits_all_users() -> None:
     assert waits == [0, 0.5, 0.5, 0.5]
 
 
+def test_busy_user_does_not_hold_back_others() -> None:
+    clock = FakeClock()
+    # The clock does not move, as if three threads made ana's three calls at once.
+    pacer = Pacer(60, 6000, clock=clock, sleep=lambda seconds: None)
+
+    ana_waits = [pacer.acquire("ana@example.com") for _ in range(3)]
+    ben_wait = pacer.acquire("ben@example.com")
+
+    assert [round(wait, 2) for wait in ana_waits] == [0, 1.01, 2.02]
+    assert ben_wait == pytest.approx(0.03)
+    assert pacer.delay("cy@example.com") == pytest.approx(0.04)
+    assert pacer.delay("ana@example.com", calls_ahead=2) == pytest.approx(5.0)
+
+
 def test_idle_time_gives_no_burst() -> None:
     clock = FakeClock()
     pacer = make_pacer(clock, per_user=60)
@@ -158,8 +172,9 @@ def test_threads_get_distinct_slots() -> None:
     clock = FakeClock()
     waits: list[float] = []
     waits_lock = threading.Lock()
-    # The clock stands still, so every thread reserves a slot at a distinct offset.
-    pacer = Pacer(60, 6000, clock=clock, sleep=lambda seconds: None)
+    # The clock stands still, so every thread reserves a slot at a distinct offset. The
+    # project's rate is high enough that its waits stay below half a second in total.
+    pacer = Pacer(60, 600_000, clock=clock, sleep=lambda seconds: None)
 
     def worker() -> None:
         for _ in range(5):
@@ -173,7 +188,7 @@ def test_threads_get_distinct_slots() -> None:
     for thread in threads:
         thread.join()
 
-    assert sorted(waits) == [float(index) for index in range(40)]
+    assert sorted(round(wait) for wait in waits) == list(range(40))
 
 
 def test_idle_users_are_pruned(monkeypatch: pytest.MonkeyPatch) -> None:

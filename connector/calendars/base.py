@@ -142,6 +142,14 @@ class CalendarBackend(Protocol):
         """List the events that carry a booking id, optionally only those of one booking."""
         ...
 
+    def pacing_wait(self, target: Target, calls_ahead: int = 0) -> float:
+        """Return the seconds a call for `target` made now would wait for its pacing slot.
+
+        `calls_ahead` counts the calls of the same acting user expected to take a slot first.
+        A calendar without client-side pacing returns 0.
+        """
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

@@ -148,6 +148,14 @@ class GoogleCalendar:
         """Close the pooled connections."""
         self._client.close()
 
+    def pacing_wait(self, target: Target, calls_ahead: int = 0) -> float:
+        """Return the seconds a call for `target` made now would wait for the pacer."""
+        return self._pacer.delay(self._pacing_key(target), calls_ahead)
+
+    def _pacing_key(self, target: Target) -> str:
+        """Return the user whose per-user quota a call for `target` counts against."""
+        return target.acting_user or self._credentials.principal
+
     def insert_event(self, target: Target, event_id: str, body: EventBody) -> RemoteEvent:
         """Create an event with a caller-chosen id, or raise EventAlreadyExistsError if it is taken.
 
@@ -313,7 +321,7 @@ class GoogleCalendar:
     def _attempt(self, call: _Call, build: Callable[[Any], HttpRequest]) -> dict[str, Any]:
         """Make one attempt of an API call, and raise a calendar error if it fails."""
         target = call.target
-        pacing_key = target.acting_user or self._credentials.principal
+        pacing_key = self._pacing_key(target)
 
         try:
             self._pacer.acquire(pacing_key, timeout=self._max_pacing_wait)

@@ -443,6 +443,10 @@ class IcsCalendar:
 
         return build_feed(calendar_id, rows)
 
+    def pacing_wait(self, target: Target, calls_ahead: int = 0) -> float:
+        """Return 0: events are written to the local database, which needs no pacing."""
+        return 0.0
+
     def close(self) -> None:
         """Do nothing: the engine belongs to the caller, who disposes of it."""
 

@@ -1,0 +1,52 @@
+"""Dispatching under per-user pacing: a paced host's bookings wait in the queue, not in a thread."""
+
+from __future__ import annotations
+
+import time
+
+from tests.support import booking, connector_settings, running_connector
+
+ANA = "ana@example.com"
+BEN = "ben@example.com"
+
+
+def moved(payload: dict, start: str, end: str) -> dict:
+    return dict(payload, startTime=start, endTime=end)
+
+
+def test_paced_host_waits_in_queue_not_in_thread(tmp_path, emulator, service_account_key):
+    # One thread, and 120 requests per minute per host, so each host's calls are 0.5 s apart.
+    settings = connector_settings(
+        tmp_path,
+        calendar_backend="google",
+        google_credentials_file=service_account_key,
+        google_api_endpoint=emulator.api_endpoint,
+        worker_threads=1,
+        google_user_requests_per_minute=120,
+    )
+    ana_booking = booking(id="bkg_ana", hostEmail=ANA, hostUserId="usr_ana")
+    ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+
+    with running_connector(settings) as running:
+        running.deliver("booking.created", ana_booking, "2026-03-16T14:05:00Z")
+        running.deliver("booking.created", ben_booking, "2026-03-16T14:05:00Z")
+        running.wait_idle()
+        time.sleep(0.6)  # both hosts' next pacing slots are free again
+        emulator.latency = 0.3
+        requests_before = len(emulator.requests)
+
+        # Ana's second change is stored while her first one's call is in flight, and Ben's after it.
+        running.deliver("booking.rescheduled", moved(ana_booking, "2026-03-17T09:00:00Z", "2026-03-17T09:30:00Z"), "2026-03-16T15:00:00Z")
+        time.sleep(0.1)
+        running.deliver("booking.rescheduled", moved(ana_booking, "2026-03-18T09:00:00Z", "2026-03-18T09:30:00Z"), "2026-03-16T16:00:00Z")
+        running.deliver("booking.rescheduled", moved(ben_booking, "2026-03-17T10:00:00Z", "2026-03-17T10:30:00Z"), "2026-03-16T15:30:00Z")
+        running.wait_idle()
+
+    patches = [(request.calendar_id, request.body["start"]["dateTime"]) for request in emulator.requests[requests_before:]]
+    # Without the queueing, the thread would sleep 0.5 s for Ana's slot while Ben's change waited.
+    assert patches == [
+        (ANA, "2026-03-17T09:00:00Z"),
+        (BEN, "2026-03-17T10:00:00Z"),
+        (ANA, "2026-03-18T09:00:00Z"),
+    ]
+    assert [delivery["state"] for delivery in running.deliveries("bkg_ana")] == ["applied", "applied", "applied"]
