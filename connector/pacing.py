@@ -125,17 +125,24 @@ class Pacer:
             slots = self._users.setdefault(user, _UserSlots())
             slots.blocked_until = max(slots.blocked_until, now + seconds)
 
-    def delay(self, user: str, calls_ahead: int = 0) -> float:
-        """Return the seconds a call of `user` made now would wait, without reserving a slot.
+    def delay(self, user: str) -> float:
+        """Return the seconds a call of `user` made now would wait, without reserving a slot."""
+        with self._lock:
+            now = self._clock()
+            slots = self._users.get(user, _UserSlots())
+            return max(now, slots.next_slot, slots.blocked_until, self._project_next_slot) - now
 
-        With `calls_ahead`, the call is counted as coming after that many more calls of the
-        same user, each of which takes a slot first.
+    def user_delay(self, user: str, calls_ahead: int = 0) -> float:
+        """Return the seconds a call of `user` made now would wait for the user's own slot.
+
+        The project's spacing is left out, because it delays every user's calls alike. With
+        `calls_ahead`, the call is counted as coming after that many more calls of the same
+        user, each of which takes a slot first.
         """
         with self._lock:
             now = self._clock()
             slots = self._users.get(user, _UserSlots())
-            user_slot = max(now, slots.next_slot, slots.blocked_until) + calls_ahead * self._user_interval
-            return max(user_slot, self._project_next_slot) - now
+            return max(now, slots.next_slot, slots.blocked_until) + calls_ahead * self._user_interval - now
 
     def _prune(self, now: float) -> None:
         """Drop users whose slots are all in the past, because they would not delay a call."""

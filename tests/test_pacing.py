@@ -80,7 +80,9 @@ def test_busy_user_does_not_hold_back_others() -> None:
     assert [round(wait, 2) for wait in ana_waits] == [0, 1.01, 2.02]
     assert ben_wait == pytest.approx(0.03)
     assert pacer.delay("cy@example.com") == pytest.approx(0.04)
-    assert pacer.delay("ana@example.com", calls_ahead=2) == pytest.approx(5.0)
+    assert pacer.user_delay("cy@example.com") == 0
+    assert pacer.user_delay("ana@example.com") == pytest.approx(3.0)
+    assert pacer.user_delay("ana@example.com", calls_ahead=2) == pytest.approx(5.0)
 
 
 def test_idle_time_gives_no_burst() -> None:

@@ -143,10 +143,11 @@ class CalendarBackend(Protocol):
         ...
 
     def pacing_wait(self, target: Target, calls_ahead: int = 0) -> float:
-        """Return the seconds a call for `target` made now would wait for its pacing slot.
+        """Return the seconds a call for `target` made now would wait for its acting user's pacing slot.
 
-        `calls_ahead` counts the calls of the same acting user expected to take a slot first.
-        A calendar without client-side pacing returns 0.
+        Pacing that delays every user's calls alike, such as a project-wide rate, is left out.
+        `calls_ahead` counts the calls of the same acting user expected to take a slot first. A
+        calendar without client-side pacing returns 0.
         """
         ...
 

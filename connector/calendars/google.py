@@ -149,8 +149,8 @@ class GoogleCalendar:
         self._client.close()
 
     def pacing_wait(self, target: Target, calls_ahead: int = 0) -> float:
-        """Return the seconds a call for `target` made now would wait for the pacer."""
-        return self._pacer.delay(self._pacing_key(target), calls_ahead)
+        """Return the seconds a call for `target` made now would wait for its acting user's pacing slot."""
+        return self._pacer.user_delay(self._pacing_key(target), calls_ahead)
 
     def _pacing_key(self, target: Target) -> str:
         """Return the user whose per-user quota a call for `target` counts against."""
