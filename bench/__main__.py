@@ -53,7 +53,7 @@ class Plan:
 def full_plan(runs: int | None, generator: str) -> Plan:
     return Plan(
         receiver=ReceiverOptions(runs=runs or 5, seconds=8.0, capacity_per_second=20_000, generator=generator),
-        # About half the rate the worker sustained in the worker benchmark, so it keeps up.
+        # Well under the rate the worker sustains in the worker benchmark (about 160 changes/s), so it keeps up.
         latency=LatencyOptions(runs=runs or 3, probes=40, background_rate=25.0),
         calls_bookings=20,
         calls_settle_seconds=0.3,

@@ -51,6 +51,9 @@ MAX_QUEUED_PACING_SECONDS = 5.0
 
 # The maximum number of pending deliveries that one search for work reads while it passes over
 # paced bookings.
+# NOTE: a host with more due bookings than this, all due before other hosts' bookings, still
+# holds those back until its backlog shrinks below it. Due bookings kept per host in memory would
+# remove the bound.
 MAX_ROWS_PER_DISPATCH = 1024
 
 
