@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 MAX_DISPATCH_WAIT_SECONDS = 0.05
 
 # Pacing waits longer than this are not waited out in the queue, because such a user was slowed
-# down after a rate-limit or quota error. Its bookings are handed out, and their syncs put the
-# deliveries back with a retry time.
+# down after a rate-limit or quota error. Its bookings are handed out, and each sync waits for the
+# slot or, past the backend's longest pacing wait (30 s for Google), puts the delivery back with
+# a retry time.
 MAX_QUEUED_PACING_SECONDS = 5.0
 
 # The maximum number of pending deliveries that one search for work reads while it passes over
