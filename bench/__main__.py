@@ -1,6 +1,6 @@
 """Run every benchmark and write docs/benchmarks.md.
 
-    .venv/bin/python -m bench                 all benchmarks, about 20 minutes on 2 cores
+    .venv/bin/python -m bench                 all benchmarks, about 9 minutes on 2 cores
     .venv/bin/python -m bench --only worker   one benchmark (receiver, latency, calls, worker, memory)
     .venv/bin/python -m bench --smoke         a few seconds of each, to check the harness works
 

@@ -115,12 +115,13 @@ class ChangeFeeder:
 def run_worker(workdir: Path, options: WorkerOptions, emulator: RecordingEmulator) -> Section:
     """Apply `options.bookings` x 5 changes `options.runs` times and return the figures."""
     changes = options.bookings * len(CHANGES)
+    quota_rate = min(PROJECT_QUOTA_PER_MINUTE, options.hosts * USER_QUOTA_PER_MINUTE) / 60
     threads = f"WORKER_THREADS={options.worker_threads}" if options.worker_threads else "WORKER_THREADS at its default"
     section = Section(
         "Worker throughput",
         f"{changes:,} changes over {options.bookings:,} bookings of {options.hosts} hosts, emulator latency 20 ms, "
         f"quotas at their defaults ({USER_QUOTA_PER_MINUTE}/min per user, {PROJECT_QUOTA_PER_MINUTE:,}/min per "
-        f"project, so at most {PROJECT_QUOTA_PER_MINUTE / 60:.1f} requests/s), {threads}.",
+        f"project, so at most {quota_rate:.1f} requests/s for {options.hosts} hosts), {threads}.",
     )
     settings = {}
     if options.worker_threads:
