@@ -59,25 +59,27 @@ from connector.envelope import EnvelopeError, parse_envelope
 from connector.logs import bind_delivery, outcome_fields
 from connector.metrics import DELIVERIES_FINISHED
 from connector.event_content import RenderedText, build_event_body
+from connector.mapping_rows import (
+    MappingUpdate,
+    carried_over,
+    load_current,
+    record_insert_intent,
+    restore_mappings,
+    write_mapping,
+)
 from connector.queue import (
     DELIVERIES,
-    MappingUpdate,
     PendingDelivery,
     acquire_lease,
-    carried_over,
     finish_deliveries,
     hand_back_lease,
     load_booking,
-    load_current,
-    record_insert_intent,
     release_lease,
     release_lease_if_idle,
     renew_lease,
-    restore_mappings,
     schedule_retry,
     supersede_failed,
     unsettled_since,
-    write_mapping,
 )
 from connector.routing import NoRouteError
 from connector.snapshots import Snapshot, SnapshotError
