@@ -42,6 +42,10 @@ class _UserSlots:
     next_slot: float = 0.0
     blocked_until: float = 0.0
 
+    def free_at(self, now: float) -> float:
+        """Return the earliest time from `now` on when this user's next call may go."""
+        return max(now, self.next_slot, self.blocked_until)
+
 
 class Pacer:
     """Spaces calls so each user, and the project as a whole, stays under a per-minute rate.
@@ -89,7 +93,7 @@ class Pacer:
                     self._prune(now)
                 slots = self._users[user] = _UserSlots()
 
-            slot = max(now, slots.next_slot, slots.blocked_until)
+            slot = slots.free_at(now)
             wait = slot - now
             if timeout is not None and wait > timeout:
                 raise PacingTimeoutError(user, wait)
@@ -130,7 +134,7 @@ class Pacer:
         with self._lock:
             now = self._clock()
             slots = self._users.get(user, _UserSlots())
-            return max(now, slots.next_slot, slots.blocked_until, self._project_next_slot) - now
+            return max(slots.free_at(now), self._project_next_slot) - now
 
     def user_delay(self, user: str, calls_ahead: int = 0) -> float:
         """Return the seconds a call of `user` made now would wait for the user's own slot.
@@ -142,7 +146,7 @@ class Pacer:
         with self._lock:
             now = self._clock()
             slots = self._users.get(user, _UserSlots())
-            return max(now, slots.next_slot, slots.blocked_until) + calls_ahead * self._user_interval - now
+            return slots.free_at(now) + calls_ahead * self._user_interval - now
 
     def _prune(self, now: float) -> None:
         """Drop users whose slots are all in the past, because they would not delay a call."""

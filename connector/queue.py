@@ -110,6 +110,7 @@ _SUPERSEDE_FAILED = (
     .values(state=DeliveryState.STALE, outcome=bindparam("new_outcome"), finished_at=bindparam("now"))
 )
 
+
 @dataclass(frozen=True, slots=True)
 class PendingDelivery:
     """A pending delivery as the sync reads it: the row's columns that applying it needs."""
@@ -233,9 +234,7 @@ def acquire_leases(engine: Engine, booking_ids: Sequence[str], owner: str, secon
 def release_lease(engine: Engine, booking_id: str, owner: str) -> None:
     """Give the booking's lease back, if it is still ours."""
     with engine.begin() as connection:
-        connection.execute(
-            delete(BookingLease).where(BookingLease.booking_id == booking_id, BookingLease.owner == owner)
-        )
+        hand_back_lease(connection, booking_id, owner)
 
 
 def hand_back_lease(connection: Connection, booking_id: str, owner: str) -> bool:

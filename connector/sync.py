@@ -544,10 +544,9 @@ class BookingSync:
                 write_mapping(connection, applied.predecessor)
             finish_deliveries(connection, outcomes)
             released = False
-            if release_when_done and self._paced(applied.mapping):
-                released = hand_back_lease(connection, newest.booking_id, self.owner)
-            elif release_when_done:
-                released = release_lease_if_idle(connection, newest.booking_id, self.owner)
+            if release_when_done:
+                give_back = hand_back_lease if self._paced(applied.mapping) else release_lease_if_idle
+                released = give_back(connection, newest.booking_id, self.owner)
             if not released:
                 renew_lease(connection, newest.booking_id, self.owner, self.lease_seconds)
 

@@ -53,7 +53,7 @@ MAX_QUEUED_PACING_SECONDS = 5.0
 # The maximum number of pending deliveries that one search for work reads while it passes over
 # paced bookings.
 # NOTE: a host with more due bookings than this, all due before other hosts' bookings, still
-# holds those back until its backlog shrinks below it. Due bookings kept per host in memory would
+# delays those until its backlog shrinks below it. Due bookings kept per host in memory would
 # remove the bound.
 MAX_ROWS_PER_DISPATCH = 1024
 
@@ -182,7 +182,9 @@ class SyncWorker:
                 log.error("sync worker could not look for work: %s", error)
                 dispatched, retry_in = 0, None
             if not dispatched:
-                timeout = min(self.poll_seconds, renew_every, retry_in if retry_in is not None else self.poll_seconds)
+                timeout = min(self.poll_seconds, renew_every)
+                if retry_in is not None:
+                    timeout = min(timeout, retry_in)
                 self._wake.wait(timeout)
 
     def _renew_leases(self) -> None:

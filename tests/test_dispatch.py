@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.support import booking, connector_settings, running_connector
+from tests.support import booking, running_connector
 
 ANA = "ana@example.com"
 BEN = "ben@example.com"
@@ -14,16 +14,9 @@ def moved(payload: dict, start: str, end: str) -> dict:
     return dict(payload, startTime=start, endTime=end)
 
 
-def test_paced_host_waits_in_queue_not_in_thread(tmp_path, emulator, service_account_key):
+def test_paced_host_waits_in_queue_not_in_thread(google_settings, emulator):
     # One thread, and 120 requests per minute per host, so each host's calls are 0.5 s apart.
-    settings = connector_settings(
-        tmp_path,
-        calendar_backend="google",
-        google_credentials_file=service_account_key,
-        google_api_endpoint=emulator.api_endpoint,
-        worker_threads=1,
-        google_user_requests_per_minute=120,
-    )
+    settings = google_settings.model_copy(update={"worker_threads": 1, "google_user_requests_per_minute": 120})
     ana_booking = booking(id="bkg_ana", hostEmail=ANA, hostUserId="usr_ana")
     ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
 
