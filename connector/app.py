@@ -16,7 +16,7 @@ from connector.health import watch_worker_progress
 from connector.intake import DeliveryIntake
 from connector.mappings import Mappings, load_mappings
 from connector.notify import DeliveryListener
-from connector.receiver import WebhookReceiver, create_app
+from connector.receiver import ConnectorApp, WebhookReceiver, create_app
 from connector.retention import Pruner, RetentionPolicy
 from connector.schema import prepare_schema
 from connector.settings import Settings
@@ -142,7 +142,7 @@ def _pruner(settings: Settings, engine: Engine) -> Pruner | None:
     return Pruner(engine, policy, settings.prune_interval_seconds)
 
 
-def build_web_app(connector: Connector) -> Starlette:
+def build_web_app(connector: Connector) -> ConnectorApp:
     """Create the ASGI app: receiver, health checks, feeds; the worker runs in its lifespan."""
     settings = connector.settings
     worker = connector.worker

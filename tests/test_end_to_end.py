@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from sqlalchemy import event, select
+from starlette.testclient import TestClient
 
 from connector.decisions import event_id_for
 from connector.storage import SQLITE_READ_ONLY_OPTION, BookingLease
@@ -263,6 +264,26 @@ def test_headers_are_case_insensitive(google_connector, emulator):
 
     assert response.status_code == 200
     assert len(live_events(emulator)) == 1
+
+
+def test_webhook_path_other_methods_get_405(ics_connector):
+    for method in ("GET", "PUT", "DELETE"):
+        response = ics_connector.client.request(method, "/webhooks/proximity")
+
+        assert response.status_code == 405, method
+        assert response.headers["allow"] == "POST"
+    assert ics_connector.deliveries() == []
+
+
+def test_webhook_under_root_path_is_received(ics_connector):
+    # Behind a proxy that mounts the connector under /proxy, Starlette's router strips the root path.
+    proxied = TestClient(ics_connector.client.app, root_path="/proxy")
+    delivery = signed_delivery("booking.created", booking())
+    response = proxied.post("/proxy/webhooks/proximity", content=delivery.body, headers=delivery.headers)
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "accepted"
+    assert [row["delivery_id"] for row in ics_connector.deliveries()] == [delivery.delivery_id]
 
 
 def test_late_older_snapshot_changes_nothing(mirror):
