@@ -27,9 +27,9 @@ from connector.worker import StopSignal, SyncWorker, new_owner_id
 log = logging.getLogger(__name__)
 
 # Database connections a process needs besides its sync threads: the worker's dispatcher, the
-# intake's writer thread, and health checks or feed requests. The pool may add as many again
-# for bursts.
-EXTRA_CONNECTIONS = 4
+# intake's writer thread and, on SQLite, its checkpoint thread, and health checks or feed
+# requests. The pool may add as many again for bursts.
+EXTRA_CONNECTIONS = 5
 
 
 def build_backend(settings: Settings, engine: Engine, stop_signal: StopSignal | None = None) -> CalendarBackend:

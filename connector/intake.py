@@ -8,8 +8,8 @@ The insert skips a delivery whose id or body digest is already stored, through t
 constraints, so two receivers can never both accept the same delivery.
 
 On SQLite the writer skips the ORM: it inserts a whole batch with one multi-row statement on the
-engine's own sqlite3 connection (see `SqliteInserter`). PostgreSQL and other databases go through
-SQLAlchemy Core.
+engine's own sqlite3 connection (see `SqliteInserter`), and leaves WAL checkpoints to a thread of
+their own (see `WalCheckpointer`). PostgreSQL and other databases go through SQLAlchemy Core.
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ class SqliteInserter:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._pooled: Any = None
+        self._checkpointer: WalCheckpointer | None = None
         self._statements: dict[int, str] = {}
         received_at = Delivery.__table__.c.received_at.type
         # The column type's own conversion, so times are stored exactly as SQLAlchemy writes them.
@@ -230,23 +231,35 @@ class SqliteInserter:
         except sqlite3.Error:
             self.close(invalidate=True)
             raise
+
+        if self._checkpointer is not None:
+            self._checkpointer.request()
         return results
 
     def close(self, invalidate: bool = False) -> None:
-        """Give the connection back to the pool, or discard it after an error."""
+        """Give the connection back to the pool, or discard it after an error, and stop the checkpoints."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._pooled is None:
             return
         if invalidate:
             self._pooled.invalidate()
         else:
-            self._pooled.driver_connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            connection = self._pooled.driver_connection
+            connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
+            connection.execute(f"PRAGMA wal_autocheckpoint={SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES}")
             self._pooled.close()
         self._pooled = None
 
     def _connection(self) -> LockingConnection:
         if self._pooled is None:
             self._pooled = self._engine.raw_connection()
-            self._pooled.driver_connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS_DURABLE}")
+            connection = self._pooled.driver_connection
+            connection.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS_DURABLE}")
+            if connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                connection.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_AUTOCHECKPOINT_PAGES}")
+                self._checkpointer = WalCheckpointer(self._engine)
         return self._pooled.driver_connection
 
     def _insert_rows(self, connection: sqlite3.Connection, rows: list[tuple], records: Sequence[DeliveryRecord]) -> list[bool]:
@@ -287,6 +300,74 @@ class SqliteInserter:
             )
             self._statements[rows] = statement
         return statement
+
+
+# SQLite's default `wal_autocheckpoint`, restored when the inserter gives its connection back.
+SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES = 1000
+
+# The inserter's own automatic checkpoint, a fallback for a checkpoint thread that falls behind.
+FALLBACK_AUTOCHECKPOINT_PAGES = 4000
+
+
+class WalCheckpointer:
+    """Runs SQLite's WAL checkpoints in a thread of their own, after each commit of the inserter.
+
+    A checkpoint copies the pages committed to the WAL back into the database file and syncs that
+    file. With the default automatic checkpoint, the commit that filled the WAL to 1,000 pages ran
+    it, so every delivery of that batch waited for it. Here a passive checkpoint, which never
+    blocks a writer, follows each commit on its own connection, so the WAL is usually copied back
+    before the next commit, and that commit starts the WAL over from its beginning. This raised
+    `serve --no-worker` from 7,574 to 8,473 deliveries per second and lowered its p99 ack latency
+    from 15.5 to 6.0 ms (medians of 3 runs of `python -m bench --only receiver`, 2-core VM). The
+    inserter still checkpoints by itself once the WAL holds `FALLBACK_AUTOCHECKPOINT_PAGES`, in
+    case this thread falls behind.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._requested = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Ask for a checkpoint; requests made while one runs are served by one more checkpoint."""
+        self._requested.set()
+
+    def stop(self) -> None:
+        """Stop the thread after the checkpoint in progress, if any."""
+        self._stopping = True
+        self._requested.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        pooled = None
+        failing = False
+        while True:
+            self._requested.wait()
+            self._requested.clear()
+            if self._stopping:
+                break
+
+            # After a failure the next commit requests another checkpoint, and the fallback still applies.
+            try:
+                if pooled is None:
+                    pooled = self._engine.raw_connection()
+                pooled.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except Exception as error:
+                if not failing:
+                    log.warning("WAL checkpoint failed, retrying after the next commit: %s", error)
+                failing = True
+                if pooled is not None:
+                    pooled.invalidate()
+                    pooled = None
+                continue
+            if failing:
+                log.info("WAL checkpoints work again")
+                failing = False
+
+        if pooled is not None:
+            pooled.close()
 
 
 def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Engine
 
-from connector.intake import DeliveryIntake, DeliveryRecord, IntakeClosedError, SqliteInserter, _row
+from connector.intake import (
+    FALLBACK_AUTOCHECKPOINT_PAGES,
+    SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES,
+    DeliveryIntake,
+    DeliveryRecord,
+    IntakeClosedError,
+    SqliteInserter,
+    _row,
+)
 from connector.storage import Delivery, DeliveryState, create_tables, make_engine, utcnow
 
 
@@ -107,6 +118,44 @@ def test_inserter_rows_match_sqlalchemy_rows(engine):
     assert loaded["raw"].finished_at is None
     assert loaded["raw-ignored"].finished_at == now
     assert loaded["raw"].body == record("raw").body
+
+
+def ids_in_database_file(database: Path, copy: Path) -> list[str]:
+    """Return the delivery ids in the database file alone, leaving out what is only in its WAL."""
+    shutil.copyfile(database, copy)
+    connection = sqlite3.connect(copy)
+    try:
+        return [row[0] for row in connection.execute("SELECT delivery_id FROM deliveries ORDER BY id")]
+    except sqlite3.DatabaseError:  # copied while a checkpoint was writing the file
+        return []
+    finally:
+        connection.close()
+
+
+def test_checkpoint_thread_copies_commits_into_database_file(engine, tmp_path):
+    inserter = SqliteInserter(engine)
+    inserter.insert([record("d1"), record("d2")], utcnow())
+
+    # Two rows are far below the inserter's own checkpoint threshold, so only the thread copies them.
+    deadline = time.monotonic() + 10
+    copied = ids_in_database_file(tmp_path / "intake.db", tmp_path / "copy.db")
+    while copied != ["d1", "d2"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+        copied = ids_in_database_file(tmp_path / "intake.db", tmp_path / "copy.db")
+    inserter.close()
+
+    assert copied == ["d1", "d2"]
+
+
+def test_inserter_checkpoints_itself_only_as_fallback(engine):
+    inserter = SqliteInserter(engine)
+    inserter.insert([record("d1")], utcnow())
+    connection = inserter._connection()
+
+    assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == FALLBACK_AUTOCHECKPOINT_PAGES
+    inserter.close()
+    assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES
+    assert "wal-checkpoint" not in [thread.name for thread in threading.enumerate()]
 
 
 def test_store_blocking_commits_before_returning(engine, tmp_path):
