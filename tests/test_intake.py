@@ -15,6 +15,7 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Engine
 
 from connector.intake import (
+    CHECKPOINT_AFTER_ROWS,
     FALLBACK_AUTOCHECKPOINT_PAGES,
     SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES,
     DeliveryIntake,
@@ -134,17 +135,25 @@ def ids_in_database_file(database: Path, copy: Path) -> list[str]:
 
 def test_checkpoint_thread_copies_commits_into_database_file(engine, tmp_path):
     inserter = SqliteInserter(engine)
-    inserter.insert([record("d1"), record("d2")], utcnow())
+    first = [f"d{number:02}" for number in range(CHECKPOINT_AFTER_ROWS)]
+    inserter.insert([record(delivery_id) for delivery_id in first], utcnow())
 
-    # Two rows are far below the inserter's own checkpoint threshold, so only the thread copies them.
+    # These rows are far below the inserter's own checkpoint threshold, so only the thread copies them.
     deadline = time.monotonic() + 10
     copied = ids_in_database_file(tmp_path / "intake.db", tmp_path / "copy.db")
-    while copied != ["d1", "d2"] and time.monotonic() < deadline:
+    while copied != first and time.monotonic() < deadline:
         time.sleep(0.02)
         copied = ids_in_database_file(tmp_path / "intake.db", tmp_path / "copy.db")
+
+    # One more row does not reach the threshold again, so it stays in the WAL.
+    inserter.insert([record("late")], utcnow())
+    time.sleep(0.2)
+    copied_later = ids_in_database_file(tmp_path / "intake.db", tmp_path / "copy.db")
     inserter.close()
 
-    assert copied == ["d1", "d2"]
+    assert copied == first
+    assert copied_later == first
+    assert stored_ids(engine) == first + ["late"]
 
 
 def test_inserter_checkpoints_itself_only_as_fallback(engine):
