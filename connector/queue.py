@@ -156,31 +156,37 @@ def find_due(
     # Deliveries are read in due order through the `ix_deliveries_due` index, a page at a time,
     # until `limit` bookings are found: a booking's first delivery in that order is its longest
     # due one. Grouping all pending deliveries by booking instead made every call cost time in
-    # proportion to the whole backlog.
-    page_size = max(64, 4 * (limit + len(exclude)))
-    if max_rows is not None:
-        page_size = min(page_size, max_rows)
+    # proportion to the whole backlog. Rows are fetched one at a time, so SQLite reads no further
+    # than the row that completes the list. The worker's dispatcher, which sets `max_rows`, reads
+    # its whole page with one query that way: fetching pages of 64 rows with `all()` had cost it
+    # 0.76 ms of CPU per call, 150 calls a second, to find one booking.
+    page_size = max_rows if max_rows is not None else max(64, 4 * (limit + len(exclude)))
     parameters = {"now": utcnow(), "page_size": page_size}
     found: list[DueBooking] = []
     seen = set(exclude)
     read = 0
     with read_only(engine).begin() as connection:
-        rows = connection.execute(_SELECT_DUE, parameters).all()
+        result = connection.execute(_SELECT_DUE, parameters)
         while True:
-            read += len(rows)
-            for booking_id, _, _, calendar_id, acting_user in rows:
-                if booking_id in seen:
+            row = None
+            in_page = 0
+            for row in result:
+                in_page += 1
+                if row.booking_id in seen:
                     continue
-                seen.add(booking_id)
-                due = DueBooking(booking_id, Target(calendar_id, acting_user) if calendar_id else None)
+                seen.add(row.booking_id)
+                due = DueBooking(row.booking_id, Target(row.calendar_id, row.acting_user) if row.calendar_id else None)
                 if admit is None or admit(due):
                     found.append(due)
                     if len(found) == limit:
+                        result.close()
                         return found
-            if len(rows) < page_size or (max_rows is not None and read >= max_rows):
+
+            read += in_page
+            if in_page < page_size or (max_rows is not None and read >= max_rows):
                 return found
-            after = {"after_time": rows[-1].next_attempt_at, "after_id": rows[-1].id}
-            rows = connection.execute(_SELECT_DUE_AFTER, {**parameters, **after}).all()
+            after = {"after_time": row.next_attempt_at, "after_id": row.id}
+            result = connection.execute(_SELECT_DUE_AFTER, {**parameters, **after})
 
 
 def next_due_time(engine: Engine) -> datetime | None:
