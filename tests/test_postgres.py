@@ -196,8 +196,8 @@ def test_receiver_pool_smaller_than_worker_pool(postgres_url, tmp_path):
         receiver.close()
         worker.close()
 
-    assert receiver_pool == 4
-    assert worker_pool == 6 + 4
+    assert receiver_pool == 5
+    assert worker_pool == 6 + 5
 
 
 # ----- LISTEN/NOTIFY -----
