@@ -323,7 +323,7 @@ class WalCheckpointer:
     documentation), so the inserter's commits go on meanwhile. It usually finishes before the next commit, which then starts
     the WAL over from its beginning. This raised `serve --no-worker` from 7,574 to 8,906
     deliveries per second and lowered its p99 ack latency from 15.5 to 5.7 ms (medians of 3 runs
-    of `python -m bench --only receiver`, 2-core VM). Under that load a batch holds about 16
+    of `python -m bench --only receiver`, 2-core VM). Under that load a batch contains about 16
     deliveries, so a checkpoint follows nearly every commit. At the worker benchmark's rate of
     one or two deliveries per commit, a checkpoint after every commit cost about 4 % of the
     worker's throughput. The inserter still checkpoints by itself once the WAL holds
