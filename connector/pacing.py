@@ -10,6 +10,14 @@ never wait on each other's sleep.
 A caller takes its project slot only after it has waited for its user's slot. A project
 slot reserved together with a user slot seconds ahead would hold back every other user's
 calls until then, so one busy user would slow down all of them.
+
+A project slot that passed while no caller was ready can still be taken for
+`CATCH_UP_SECONDS` (the "generic cell rate algorithm" with a tolerance). Callers that wait
+for their users' slots often reach the project's pacing together, and with strictly even
+spacing the slots that passed meanwhile were lost: 9 to 10 % of the worker benchmark's time.
+Catching up raised it from 150.0-158.2 to 160.8-163.6 changes/s (3 runs each, 2-core VM).
+The project's slots are spaced for the quota less the slots that may be caught up on, so
+every 60-second window still stays within the quota.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from dataclasses import dataclass
 # Idle users are pruned once the user map contains this many entries, so a long-lived
 # pacer that serves many acting users does not grow without bound.
 PRUNE_THRESHOLD = 1024
+
+# How long a project slot that no caller took stays usable.
+CATCH_UP_SECONDS = 0.1
 
 
 class PacingTimeoutError(Exception):
@@ -72,7 +83,14 @@ class Pacer:
         self.per_user_per_minute = per_user_per_minute
         self.per_project_per_minute = per_project_per_minute
         self._user_interval = 60.0 / per_user_per_minute
-        self._project_interval = 60.0 / per_project_per_minute
+
+        # A slot may be taken up to `catch_up_slots` intervals after its time, so the calls of any
+        # 60 s use slots from a span of 60 s plus that tolerance. The slots are spaced for the
+        # quota less those slots, and one more so that the clock's rounding cannot add a call.
+        catch_up_slots = int(per_project_per_minute * CATCH_UP_SECONDS / 60)
+        reserved = catch_up_slots + 1 if catch_up_slots else 0
+        self._project_interval = 60.0 / (per_project_per_minute - reserved)
+        self._project_tolerance = catch_up_slots * self._project_interval
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -107,14 +125,15 @@ class Pacer:
         """Wait for the project's next free slot; return the seconds spent waiting.
 
         Only callers that are ready to call take a project slot, so the wait is at most one
-        project interval per concurrent caller.
+        project interval per concurrent caller. A slot that passed less than the tolerance ago
+        is taken without waiting.
         """
         with self._lock:
             now = self._clock()
-            slot = max(now, self._project_next_slot)
+            slot = max(now - self._project_tolerance, self._project_next_slot)
             self._project_next_slot = slot + self._project_interval
 
-        wait = slot - now
+        wait = max(slot - now, 0.0)
         if wait > 0:
             self._sleep(wait)
         return wait
@@ -134,7 +153,7 @@ class Pacer:
         with self._lock:
             now = self._clock()
             slots = self._users.get(user, _UserSlots())
-            return max(slots.free_at(now), self._project_next_slot) - now
+            return max(slots.free_at(now), self._project_next_slot - self._project_tolerance) - now
 
     def user_delay(self, user: str, calls_ahead: int = 0) -> float:
         """Return the seconds a call of `user` made now would wait for the user's own slot.
