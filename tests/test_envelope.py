@@ -431,3 +431,25 @@ def test_parse_fast_path_same_envelope() -> None:
     body = envelope_body(payload=dict(PAYLOAD, invitee={"name": "Zoë Müller 🎉"}))
 
     assert parse_envelope(body, exact_numbers=False) == parse_envelope(body)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-03-16T14:05:00Z",
+        "2026-03-16T14:05:00.1Z",
+        "2026-03-16T14:05:00.123456Z",
+        "2024-02-29T00:00:00Z",
+        "2025-02-29T00:00:00Z",
+        "2026-03-16T24:00:00Z",
+        "2026-03-16T14:05:00.1234567Z",
+        "２０２６-03-16T14:05:00Z",
+    ],
+    ids=["whole-second", "tenths", "micros", "leap-day", "no-leap-day", "hour-24", "seven-digits", "fullwidth-digits"],
+)
+def test_normalize_utc_shortcut_matches_datetime(text: str) -> None:
+    # A "Z" time is rewritten as text, so the result must equal the conversion through datetime.
+    moment = parse_timestamp(text)
+    expected = None if moment is None else moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    assert normalize_timestamp(text) == expected
