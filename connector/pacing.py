@@ -2,8 +2,8 @@
 
 Google Calendar counts requests per user and per project, each per minute. The pacer
 spaces calls evenly instead of letting them burst: a user's calls are at least
-`60 / per_user_per_minute` seconds apart, and calls of the whole project at least
-`60 / per_project_per_minute` seconds apart. Each caller reserves the next free slot
+`60 / per_user_per_minute` seconds apart, and the whole project's calls are spaced the same
+way, except for the short catch-up described below. Each caller reserves the next free slot
 under a lock and then sleeps outside it, so concurrent threads get distinct slots and
 never wait on each other's sleep.
 
