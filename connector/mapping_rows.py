@@ -13,14 +13,13 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.sql import Executable
 from sqlmodel import Session
 
 from connector.calendars.base import Target
 from connector.decisions import CurrentEvent, MappingState
-from connector.storage import BookingMapping, read_only, utcnow
+from connector.storage import BookingMapping, read_only, upsert_insert, utcnow
 
 MAPPINGS = BookingMapping.__table__
 
@@ -42,8 +41,7 @@ def _mapping_upsert(dialect: str, columns: tuple[str, ...]) -> Executable:
 
     `last_delivery_id` keeps its old value when the new one is NULL.
     """
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = dialect_insert(MAPPINGS)
+    statement = upsert_insert(dialect, MAPPINGS)
     new = statement.excluded
     changes = {column: new[column] for column in columns}
     if "last_delivery_id" in changes:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from sqlalchemy import and_, bindparam, delete, exists, func, or_, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Executable
 from sqlmodel import Session
@@ -21,7 +20,7 @@ from sqlmodel import Session
 from connector.calendars.base import Target
 from connector.decisions import CurrentEvent, MappingState, is_newer
 from connector.mapping_rows import MAPPINGS, SELECT_MAPPING, to_current
-from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, read_only, utcnow
+from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, read_only, upsert_insert, utcnow
 
 
 class LeaseLostError(RuntimeError):
@@ -240,14 +239,13 @@ def _lease_upsert(dialect: str, count: int) -> Executable:
     for this one (one thread taking 2,000 leases on SQLite). The dispatcher makes such a call for
     nearly every booking it starts.
     """
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     new_expiry = bindparam("new_expiry", type_=LEASES.c.expires_at.type)
     rows = [
         {"booking_id": bindparam(f"booking_{index}"), "owner": bindparam("lease_owner"), "expires_at": new_expiry}
         for index in range(count)
     ]
     return (
-        dialect_insert(LEASES)
+        upsert_insert(dialect, LEASES)
         .values(rows)
         .on_conflict_do_update(
             index_elements=[LEASES.c.booking_id],

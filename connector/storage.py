@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, event
+from sqlalchemy import Column, Index, LargeBinary, Table, Text, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlmodel import Field, SQLModel, create_engine
 
@@ -168,6 +169,11 @@ def read_only(engine: Engine) -> Engine:
     took the write lock only made every writer, the receiver's inserts included, wait for it.
     """
     return engine.execution_options(**{SQLITE_READ_ONLY_OPTION: True})
+
+
+def upsert_insert(dialect: str, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """Return an INSERT on `table` in the dialect's own form, which has `on_conflict_do_*` methods."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
 def _begin_immediate(connection) -> None:
