@@ -14,8 +14,9 @@ calls until then, so one busy user would slow down all of them.
 A project slot that passed while no caller was ready can still be taken for
 `CATCH_UP_SECONDS` (the "generic cell rate algorithm" with a tolerance). Callers that wait
 for their users' slots often reach the project's pacing together, and with strictly even
-spacing the slots that passed meanwhile were lost: 9 to 10 % of the worker benchmark's time.
-Catching up raised it from 150.0-158.2 to 160.8-163.6 changes/s (3 runs each, 2-core VM).
+spacing the slots that passed meanwhile were lost: for 9 to 10 % of the worker benchmark's run
+no caller was ready. Catching up raised the benchmark from 150.0-158.2 to 160.8-163.6 changes/s
+(3 runs each, 2-core VM, 8 worker threads).
 The project's slots are spaced for the quota less the slots that may be caught up on, so
 every 60-second window still stays within the quota.
 """

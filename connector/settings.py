@@ -51,7 +51,7 @@ class Settings(BaseSettings):
         description="Base URL the connector is reached at, used to print iCalendar feed URLs.",
     )
     # With 8 threads, project slots went unused while a backlog of new bookings was synced: the
-    # dispatcher cannot tell a booking's host before it has a mapping, so threads waited for hosts.
+    # dispatcher cannot tell a booking's host before it has a mapping, so threads waited for its slot.
     worker_threads: int = Field(default=12, ge=1, le=128, description="Calendar calls made in parallel by one worker.")
     worker_poll_seconds: float = Field(default=0.5, gt=0, description="How often an idle worker looks for new work.")
     lease_seconds: float = Field(default=120.0, gt=0, description="How long a worker owns a booking before others may take it over.")

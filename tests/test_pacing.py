@@ -264,7 +264,7 @@ def test_project_catch_up_is_bounded_after_idle_time() -> None:
     assert waits[11:] == [pytest.approx(interval)] * 2
 
 
-def test_project_quota_holds_in_every_minute() -> None:
+def test_busiest_minute_within_project_quota() -> None:
     clock = FakeClock()
     pacer = make_pacer(clock, per_user=6000, per_project=6000)
     randomness = random.Random(7)
@@ -284,4 +284,5 @@ def test_project_quota_holds_in_every_minute() -> None:
         calls.append(clock.now)
 
     busiest = max(bisect.bisect_left(calls, start + 60) - index for index, start in enumerate(calls))
-    assert 5900 < busiest <= 6000
+    assert busiest <= 6000
+    assert busiest > 5900  # the run does use the quota, so the bound above is tested
