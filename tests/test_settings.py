@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,21 @@ def test_env_example_lists_setting(name):
 @pytest.mark.parametrize("name", SETTING_NAMES)
 def test_readme_lists_setting(name):
     assert f"`{name}`" in (ROOT / "README.md").read_text()
+
+
+NUMERIC_SETTINGS = [name for name, field in Settings.model_fields.items() if type(field.default) in (int, float)]
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_documented_default_matches_setting(name):
+    default = Settings.model_fields[name].default
+    readme_row = re.search(rf"^\| `{name.upper()}` \| `([^`]*)` \|", (ROOT / "README.md").read_text(), re.M)
+    env_line = re.search(rf"^{name.upper()}=(.*)$", (ROOT / ".env.example").read_text(), re.M)
+
+    assert readme_row is not None
+    assert float(readme_row[1]) == default
+    assert env_line is not None
+    assert float(env_line[1]) == default
 
 
 def test_secrets_split_on_commas(monkeypatch):
