@@ -92,7 +92,7 @@ class WebhookReceiver:
         try:
             delivery_id = check_delivery_id(delivery_id)
         except EnvelopeError as error:
-            log.warning("delivery %r rejected: %s", delivery_id[:80], error)
+            log.warning("delivery %s rejected: %s", repr(delivery_id[:80]) if delivery_id else "-", error)
             return *_refusal(400, str(error)), "malformed"
 
         state = DeliveryState.PENDING if envelope.is_known_event else DeliveryState.IGNORED

@@ -7,6 +7,7 @@ Google client, and against the embedded iCalendar backend. Tests about Google's 
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -212,6 +213,24 @@ def test_refused_delivery_changes_nothing(google_connector, emulator, change, st
     assert response.status_code == status
     assert google_connector.deliveries() == []
     assert emulator.requests == []
+
+
+@pytest.mark.parametrize(
+    ("delivery_id", "logged"),
+    [
+        ("", "delivery - rejected: missing X-Webhook-Delivery header"),
+        ("d" * 201, "delivery '" + "d" * 80 + "' rejected: X-Webhook-Delivery is not printable text"),
+    ],
+)
+def test_refused_delivery_id_is_logged(google_connector, caplog, delivery_id, logged):
+    caplog.set_level(logging.WARNING, logger="connector.receiver")
+
+    response = google_connector.send(signed_delivery("booking.created", booking()), {"X-Webhook-Delivery": delivery_id})
+
+    assert response.status_code == 400
+    messages = [record.getMessage() for record in caplog.records if record.name == "connector.receiver"]
+    assert len(messages) == 1
+    assert messages[0].startswith(logged)
 
 
 def test_wrong_secret_rejected(google_connector, emulator):
