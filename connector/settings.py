@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     prune_interval_seconds: float = Field(default=3600.0, ge=0, description="How often the worker prunes old payloads and deliveries; 0 leaves it to `proximity-sync prune`.")
     call_max_attempts: int = Field(default=5, ge=1, description="Attempts of one calendar call within a delivery attempt.")
     call_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one calendar API request.")
-    google_user_requests_per_minute: int = Field(default=600, gt=0, description="Calendar API requests per minute allowed per host.")
+    google_user_requests_per_minute: int = Field(default=600, gt=0, description="Calendar API requests per minute allowed per acting user: the host, or the route's acting_user.")
     google_project_requests_per_minute: int = Field(default=10000, gt=0, description="Calendar API requests per minute for the whole project.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["text", "json"] = Field(
