@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 
 import pytest
@@ -33,16 +34,21 @@ def send_test(served: ServedConnector, env: dict[str, str], *args: str):
 
 
 def test_send_test_prints_answer_and_event(served, env, emulator):
+    before = datetime.now(UTC)
     result = send_test(served, env, "--wait")
+    after = datetime.now(UTC)
 
     assert result.exit_code == 0, result.output
     assert "Response: 200 OK: accepted" in result.stdout
     event_id = event_id_for("bkg_xyz789", 0)
     assert f"Calendar event: {event_id} in calendar {JANE}" in result.stdout
     assert "  summary: 30 Minute Call with Alex Johnson" in result.stdout
-    assert "  start:   2026-03-16T14:00:00Z" in result.stdout
+    tomorrow = {f"{(moment + timedelta(days=1)).date().isoformat()}T14:00:00Z" for moment in (before, after)}
+    start_line = next(line for line in result.stdout.splitlines() if line.startswith("  start:"))
+    assert start_line.split()[1] in tomorrow
     events = emulator.events(JANE)
     assert [event["id"] for event in events] == [event_id]
+    assert events[0]["start"]["dateTime"][:10] in {text[:10] for text in tomorrow}
 
 
 def test_send_test_cancel_removes_event(served, env, emulator):

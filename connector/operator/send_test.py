@@ -12,7 +12,7 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ DEFAULT_URL = "http://127.0.0.1:8000/webhooks/proximity"
 # Seconds between two reads of the database while waiting for the worker.
 POLL_SECONDS = 0.2
 
-# The sample booking of Proximity's webhook documentation.
+# The sample booking of Proximity's webhook documentation. send-test moves its times to the next
+# day (see `_sample_booking`), so the test event shows up in the calendar's coming days.
 SAMPLE_BOOKING: dict[str, Any] = {
     "id": "bkg_xyz789",
     "eventTypeId": "evt_abc123",
@@ -62,6 +63,8 @@ SAMPLE_BOOKING: dict[str, Any] = {
     "cancellationReason": None,
     "rescheduledFrom": None,
 }
+SAMPLE_START_HOUR_UTC = 14
+SAMPLE_LENGTH = timedelta(minutes=30)
 
 
 @click.command("send-test")
@@ -128,7 +131,7 @@ def send_test(
 def _booking(booking_file: Path | None, event_name: str | None) -> tuple[str, dict[str, Any]]:
     """Return the event type and payload to send: the sample, or the file's booking."""
     if booking_file is None:
-        return event_name or "booking.created", copy.deepcopy(SAMPLE_BOOKING)
+        return event_name or "booking.created", _sample_booking(datetime.now(UTC))
 
     try:
         document = json.loads(booking_file.read_text(encoding="utf-8"))
@@ -146,6 +149,21 @@ def _booking(booking_file: Path | None, event_name: str | None) -> tuple[str, di
     if not isinstance(document.get("id"), str) or not document["id"].strip():
         raise click.BadParameter(f"{booking_file}: the booking has no id", param_hint="--booking")
     return event_name or "booking.created", document
+
+
+def _sample_booking(now: datetime) -> dict[str, Any]:
+    """Return the sample booking, created at `now` and lasting 30 minutes from 14:00 UTC the next day."""
+    booking = copy.deepcopy(SAMPLE_BOOKING)
+    day = now.astimezone(UTC).date() + timedelta(days=1)
+    start = datetime(day.year, day.month, day.day, SAMPLE_START_HOUR_UTC, tzinfo=UTC)
+    booking["startTime"] = _utc_text(start)
+    booking["endTime"] = _utc_text(start + SAMPLE_LENGTH)
+    booking["createdAt"] = _utc_text(now)
+    return booking
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> httpx.Response:
