@@ -74,7 +74,7 @@ def sqlite_durability() -> str:
             journal = connection.execute(text("PRAGMA journal_mode")).scalar()
             level = connection.execute(text("PRAGMA synchronous")).scalar()
         inserter = SqliteInserter(engine)
-        intake_level = inserter._connection().execute("PRAGMA synchronous").fetchone()[0]
+        intake_level = inserter.pragma("synchronous")
         inserter.close()
         engine.dispose()
     return (

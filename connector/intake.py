@@ -240,6 +240,12 @@ class SqliteInserter:
             self._checkpointer.committed(len(rows))
         return results
 
+    def pragma(self, name: str) -> Any:
+        """Return the value of PRAGMA `name` on the inserter's connection, such as its synchronous level."""
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a PRAGMA name")
+        return self._connection().execute(f"PRAGMA {name}").fetchone()[0]
+
     def close(self, invalidate: bool = False) -> None:
         """Give the connection back to the pool, or discard it after an error, and stop the checkpoints."""
         if self._checkpointer is not None:

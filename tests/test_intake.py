@@ -156,12 +156,21 @@ def test_checkpoint_thread_copies_commits_into_database_file(engine, tmp_path):
     assert stored_ids(engine) == first + ["late"]
 
 
+def test_inserter_pragma_rejects_non_name(engine):
+    inserter = SqliteInserter(engine)
+
+    with pytest.raises(ValueError, match="is not a PRAGMA name"):
+        inserter.pragma("synchronous; DROP TABLE deliveries")
+    assert inserter.pragma("journal_mode") == "wal"
+    inserter.close()
+
+
 def test_inserter_checkpoints_itself_only_as_fallback(engine):
     inserter = SqliteInserter(engine)
     inserter.insert([record("d1")], utcnow())
-    connection = inserter._connection()
+    connection = inserter._connection()  # kept to read the PRAGMA after close() gave it back to the pool
 
-    assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == FALLBACK_AUTOCHECKPOINT_PAGES
+    assert inserter.pragma("wal_autocheckpoint") == FALLBACK_AUTOCHECKPOINT_PAGES
     inserter.close()
     assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == SQLITE_DEFAULT_AUTOCHECKPOINT_PAGES
     assert "wal-checkpoint" not in [thread.name for thread in threading.enumerate()]

@@ -88,8 +88,7 @@ def test_writers_wait_for_each_other(engine):
 def test_synchronous_levels(engine):
     intake = DeliveryIntake(engine)
     try:
-        inserter_connection = intake._sqlite._connection()
-        assert inserter_connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert intake._sqlite.pragma("synchronous") == 2  # FULL
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     finally:
