@@ -103,12 +103,13 @@ def send_test(
             "PROXIMITY_WEBHOOK_SECRET is empty: set it to the connector's secret, which signs the test delivery"
         )
 
-    event_name, payload = _booking(booking_file, event_name)
+    now = datetime.now(UTC)
+    event_name, payload = _booking(booking_file, event_name, now)
     if host_email:
         payload["hostEmail"] = host_email
 
     delivery_id = f"test_{uuid.uuid4().hex[:16]}"
-    created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    created_at = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     body = json.dumps({"event": event_name, "createdAt": created_at, "payload": payload}, ensure_ascii=False).encode("utf-8")
     headers = {
         "Content-Type": "application/json",
@@ -128,10 +129,10 @@ def send_test(
         sys.exit(_wait_for_event(settings, delivery_id, timeout))
 
 
-def _booking(booking_file: Path | None, event_name: str | None) -> tuple[str, dict[str, Any]]:
-    """Return the event type and payload to send: the sample, or the file's booking."""
+def _booking(booking_file: Path | None, event_name: str | None, now: datetime) -> tuple[str, dict[str, Any]]:
+    """Return the event type and payload to send: the sample booking made at `now`, or the file's booking."""
     if booking_file is None:
-        return event_name or "booking.created", _sample_booking(datetime.now(UTC))
+        return event_name or "booking.created", _sample_booking(now)
 
     try:
         document = json.loads(booking_file.read_text(encoding="utf-8"))
