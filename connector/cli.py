@@ -154,7 +154,7 @@ def worker() -> None:
 @click.option("--limit", default=100, show_default=True, help="Show at most this many, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def deliveries(state: str | None, booking_id: str | None, limit: int, as_json: bool) -> None:
-    """List stored deliveries: state, attempts, next attempt, and the last error or outcome."""
+    """List stored deliveries: state, failed attempts, next attempt, and the last error or outcome."""
     engine = _engine(_settings(), must_exist=True)
     query = (
         select(Delivery, BookingMapping.calendar_id, BookingMapping.event_id)
@@ -205,11 +205,17 @@ def _echo_json(document: object) -> None:
     click.echo(json.dumps(document, ensure_ascii=False, indent=2))
 
 
+# Table headers that differ from their JSON key. `attempts` counts the attempts that failed, so a
+# delivery applied at its first attempt shows 0.
+_COLUMN_HEADERS = {"attempts": "failed attempts"}
+
+
 def _print_rows(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """Print one line of columns per delivery, and under it its last error or outcome, wrapped to the terminal."""
     width = max(shutil.get_terminal_size((120, 24)).columns, 60)
-    widths = {column: max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns}
-    click.echo("  ".join(column.upper().replace("_", " ").ljust(widths[column]) for column in columns).rstrip())
+    headers = {column: _COLUMN_HEADERS.get(column, column).upper().replace("_", " ") for column in columns}
+    widths = {column: max(len(headers[column]), *(len(_cell(row.get(column))) for row in rows)) for column in columns}
+    click.echo("  ".join(headers[column].ljust(widths[column]) for column in columns).rstrip())
     for row in rows:
         click.echo("  ".join(_cell(row.get(column)).ljust(widths[column]) for column in columns).rstrip())
         label, detail = _detail(row)

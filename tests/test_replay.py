@@ -59,6 +59,18 @@ def fail_permanently(emulator) -> None:
                        times=None)
 
 
+def test_deliveries_table_counts_failed_attempts(connector, emulator, run_cli):
+    connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_applies"))
+    wait_settled(connector)
+
+    result = run_cli("deliveries")
+
+    lines = result.output.splitlines()
+    assert result.exit_code == 0
+    assert "FAILED ATTEMPTS" in lines[0]
+    assert lines[1].split()[:5] == ["dlv_applies", "bkg_xyz789", "booking.created", "applied", "0"]
+
+
 def test_deliveries_table_shows_failure_readably(connector, emulator, run_cli):
     fail_permanently(emulator)
     connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_fails"))
@@ -68,7 +80,7 @@ def test_deliveries_table_shows_failure_readably(connector, emulator, run_cli):
 
     lines = result.output.splitlines()
     assert result.exit_code == 0
-    assert lines[0].split() == ["DELIVERY", "BOOKING", "EVENT", "STATE", "ATTEMPTS", "RECEIVED", "NEXT", "ATTEMPT"]
+    assert lines[0].split() == ["DELIVERY", "BOOKING", "EVENT", "STATE", "FAILED", "ATTEMPTS", "RECEIVED", "NEXT", "ATTEMPT"]
     assert lines[1].split()[:5] == ["dlv_fails", "bkg_xyz789", "booking.created", "failed", "1"]
     assert lines[1].split()[-1] == "-"
     assert lines[2].startswith("    error: booking bkg_xyz789: 403 forbidden: events.insert of event")
