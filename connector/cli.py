@@ -86,7 +86,20 @@ def _require_existing_sqlite_file(database_url: str) -> None:
 @click.group()
 @click.version_option(package_name="proximity-sync")
 def main() -> None:
-    """Mirror Proximity bookings into staff calendars."""
+    """Mirror Proximity bookings into staff calendars.
+
+    Settings are read from environment variables and from a .env file in the working folder.
+    `proximity-sync settings` lists them, and `proximity-sync check` tests them.
+    """
+
+
+@main.command("settings")
+def list_settings() -> None:
+    """List every setting: its environment variable, its default, and what it sets."""
+    for name, field in Settings.model_fields.items():
+        default = "not set" if field.default in (None, "") else str(field.default)
+        click.echo(f"{name.upper()}  (default: {default})")
+        click.echo(f"    {field.description}")
 
 
 @main.command()

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from connector.cli import main
+from connector.settings import Settings
 from tests.support import SECRET, booking, running_connector, connector_settings
 
 
@@ -90,3 +91,21 @@ def test_missing_mappings_dir_named(runner, tmp_path):
 
     assert result.exit_code == 1
     assert f"MAPPINGS_DIR {absent} is not a folder" in result.output
+
+
+def test_settings_lists_every_setting(runner):
+    result = runner.invoke(main, ["settings"])
+
+    assert result.exit_code == 0
+    for name in Settings.model_fields:
+        assert f"{name.upper()}  (default: " in result.output
+    assert "WORKER_THREADS  (default: 12)\n    Calendar calls made in parallel by one worker." in result.output
+    assert "PROXIMITY_WEBHOOK_SECRET  (default: not set)" in result.output
+
+
+def test_help_names_settings_command(runner):
+    result = runner.invoke(main, ["--help"])
+
+    assert result.exit_code == 0
+    assert "proximity-sync settings" in result.output
+    assert ".env" in result.output
