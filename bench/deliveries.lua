@@ -1,6 +1,7 @@
 -- wrk script: send the signed deliveries of a request file, one line each, in order.
 --
--- Usage: wrk -t1 -c32 -d8s -s bench/deliveries.lua URL -- REQUEST_FILE
+-- Usage: wrk -t2 -c32 -d8s -s bench/deliveries.lua URL -- REQUEST_FILE 2
+-- The last argument repeats wrk's thread count (-t).
 -- Each line is "id<TAB>signature<TAB>event<TAB>body". wrk's Lua cannot compute HMAC-SHA256, so
 -- the bench signs the bodies beforehand. With several wrk threads, thread k sends the lines whose
 -- number modulo the thread count is k, so no delivery is sent twice. A thread that runs out of

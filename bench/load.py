@@ -13,6 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).with_name("deliveries.lua")
 
+# wrk's own default. With one thread, wrk limited the bare endpoint on a 2-core VM to 14,700–18,200
+# req/s, where two threads reached 21,900–24,000, and `serve --no-worker` to 8,500–8,900 against
+# 9,700–10,000. One thread raised the connector's share of bare from about 44 to 49–59 %, because
+# it held back the faster server more. Three and four threads gave the same share as two.
+WRK_THREADS = 2
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -67,8 +73,8 @@ def run_load(
 
     if generator == "wrk":
         command = [
-            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-            "-s", str(LUA_SCRIPT), base_url, "--", str(request_file), "1",
+            "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+            "-s", str(LUA_SCRIPT), base_url, "--", str(request_file), str(WRK_THREADS),
         ]
         timeout = duration + 60
     else:

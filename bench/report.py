@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from bench.load import wrk_version
+from bench.load import WRK_THREADS, wrk_version
 from bench.results import Section
 
 MARKER = "<!-- Generated above this line by `python -m bench`; kept below it. -->"
@@ -55,8 +55,13 @@ def version_lines() -> list[str]:
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- {', '.join(versions)}",
         f"- SQLite {sqlite3.sqlite_version}, {sqlite_durability()}",
-        f"- Load generator: {wrk_version() or 'wrk not installed, so bench.pyload'} (each receiver run names the one it used)",
+        f"- Load generator: {_generator()} (each receiver run names the one it used)",
     ]
+
+
+def _generator() -> str:
+    version = wrk_version()
+    return f"{version} with {WRK_THREADS} threads" if version else "wrk not installed, so bench.pyload"
 
 
 def sqlite_durability() -> str:
