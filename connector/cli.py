@@ -34,12 +34,13 @@ from connector.schema import SchemaError, prepare_schema
 from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine
 
 
-def _settings() -> Settings:
+def _settings(*, configure_logs: bool = True) -> Settings:
     try:
         settings = load_settings()
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
-    configure_logging(settings.log_level, settings.log_format)
+    if configure_logs:
+        configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -89,17 +90,35 @@ def main() -> None:
     """Mirror Proximity bookings into staff calendars.
 
     Settings are read from environment variables and from a .env file in the working folder.
-    `proximity-sync settings` lists them, and `proximity-sync check` tests them.
+    `proximity-sync settings` lists them with the values in use, and `proximity-sync check`
+    tests them.
     """
 
 
 @main.command("settings")
 def list_settings() -> None:
-    """List every setting: its environment variable, its default, and what it sets."""
+    """List every setting: the value in use, its default, and what it sets. Secrets are not shown."""
+    settings = _settings(configure_logs=False)  # prints no log lines, so the log settings need not apply
     for name, field in Settings.model_fields.items():
-        default = "not set" if field.default in (None, "") else str(field.default)
-        click.echo(f"{name.upper()}  (default: {default})")
+        value = _shown_setting(name, getattr(settings, name))
+        default = _shown_setting(name, field.default)
+        origin = "default" if value == default else f"default {default}"
+        click.echo(f"{name.upper()}: {value} ({origin})")
         click.echo(f"    {field.description}")
+
+
+def _shown_setting(name: str, value: Any) -> str:
+    """Return a setting's value as `settings` prints it: webhook secrets counted, a database password hidden."""
+    if value is None or value == "":
+        return "not set"
+    if name == "proximity_webhook_secret":
+        count = len([secret for secret in value.split(",") if secret.strip()])
+        return f"{count} secret{'s' if count != 1 else ''}, not shown"
+    if name == "database_url":
+        from sqlalchemy.engine import make_url
+
+        return make_url(value).render_as_string(hide_password=True)
+    return str(value)
 
 
 @main.command()

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     )
     # With 8 threads, project slots went unused while a backlog of new bookings was synced: the
     # dispatcher cannot tell a booking's host before it has a mapping, so threads waited for its slot.
-    worker_threads: int = Field(default=12, ge=1, le=128, description="Calendar calls made in parallel by one worker.")
+    worker_threads: int = Field(default=12, ge=1, le=128, description="Bookings synced in parallel by one worker, each by a thread of its own.")
     worker_poll_seconds: float = Field(default=0.5, gt=0, description="How often an idle worker looks for new work.")
     lease_seconds: float = Field(default=120.0, gt=0, description="How long a worker owns a booking before others may take it over.")
     delivery_retry_base_seconds: float = Field(default=30.0, gt=0, description="First delay before a failed delivery is retried.")
@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     delivery_retention_days: float = Field(default=30.0, ge=1, description="Days a finished delivery's id and body digest are kept to recognise retries and replays.")
     prune_interval_seconds: float = Field(default=3600.0, ge=0, description="How often the worker prunes old payloads and deliveries; 0 leaves it to `proximity-sync prune`.")
     call_max_attempts: int = Field(default=5, ge=1, description="Attempts of one calendar call within a delivery attempt.")
-    call_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one calendar API request.")
+    call_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout, in seconds, of each phase (connect, read, write) of a calendar API request.")
     google_user_requests_per_minute: int = Field(default=600, gt=0, description="Calendar API requests per minute allowed per acting user: the host, or the route's acting_user.")
     google_project_requests_per_minute: int = Field(default=10000, gt=0, description="Calendar API requests per minute for the whole project.")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")

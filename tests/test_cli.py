@@ -98,9 +98,35 @@ def test_settings_lists_every_setting(runner):
 
     assert result.exit_code == 0
     for name in Settings.model_fields:
-        assert f"{name.upper()}  (default: " in result.output
-    assert "WORKER_THREADS  (default: 12)\n    Calendar calls made in parallel by one worker." in result.output
-    assert "PROXIMITY_WEBHOOK_SECRET  (default: not set)" in result.output
+        assert f"\n{name.upper()}: " in "\n" + result.output
+    assert "WORKER_THREADS: 12 (default)\n    Bookings synced in parallel by one worker" in result.output
+    assert "PROXIMITY_WEBHOOK_SECRET: not set (default)" in result.output
+
+
+def test_settings_shows_values_in_use(runner, tmp_path):
+    (tmp_path / ".env").write_text("LOG_LEVEL=debug\n")
+    env = {
+        "WORKER_THREADS": "8",
+        "PROXIMITY_WEBHOOK_SECRET": "whsec_first,whsec_second",
+        "DATABASE_URL": "postgresql+psycopg://sync:hunter2@127.0.0.1:5432/test",
+    }
+
+    result = runner.invoke(main, ["settings"], env=env)
+
+    assert result.exit_code == 0
+    assert "WORKER_THREADS: 8 (default 12)" in result.output
+    assert "LOG_LEVEL: DEBUG (default INFO)" in result.output
+    assert "PROXIMITY_WEBHOOK_SECRET: 2 secrets, not shown (default not set)" in result.output
+    assert "DATABASE_URL: postgresql+psycopg://sync:***@127.0.0.1:5432/test" in result.output
+    assert "whsec_first" not in result.output
+    assert "hunter2" not in result.output
+
+
+def test_settings_names_invalid_setting(runner):
+    result = runner.invoke(main, ["settings"], env={"WORKER_THREADS": "many"})
+
+    assert result.exit_code == 1
+    assert "WORKER_THREADS" in result.output
 
 
 def test_help_names_settings_command(runner):
