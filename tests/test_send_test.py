@@ -99,6 +99,17 @@ def test_send_test_refused_with_wrong_secret(served, env, emulator):
     assert emulator.requests == []
 
 
+def test_send_test_names_connector_without_secret(tmp_path, env, emulator):
+    with served_connector(tmp_path, {**env, "PROXIMITY_WEBHOOK_SECRET": ""}) as served:
+        result = send_test(served, env)
+
+    assert result.exit_code == 1
+    assert "Response: 401 Unauthorized: no webhook secret is configured" in result.stdout
+    assert "The connector has no webhook secret" in result.stderr
+    assert "differs" not in result.stderr
+    assert emulator.requests == []
+
+
 def test_send_test_without_wait_only_sends(served, env):
     result = send_test(served, env)
 

@@ -122,7 +122,7 @@ def send_test(
     click.echo(f"Sent {event_name} for booking {payload['id']} as delivery {delivery_id} to {url}")
     click.echo(f"Response: {response.status_code} {response.reason_phrase}: {_response_text(response)}")
     if not response.is_success:
-        click.echo(_rejection_hint(response.status_code), err=True)
+        click.echo(_rejection_hint(response.status_code, _response_text(response)), err=True)
         sys.exit(1)
 
     if wait:
@@ -190,7 +190,13 @@ def _response_text(response: httpx.Response) -> str:
     return str(document)
 
 
-def _rejection_hint(status: int) -> str:
+def _rejection_hint(status: int, reason: str) -> str:
+    if status == 401 and reason.startswith("no webhook secret is configured"):
+        return (
+            "The connector has no webhook secret, so it rejects every delivery. Set its "
+            "PROXIMITY_WEBHOOK_SECRET, in its environment or its .env file, to the one send-test used, "
+            "then restart it."
+        )
     if status == 401:
         return (
             "The connector rejected the signature: its PROXIMITY_WEBHOOK_SECRET differs from the one "
