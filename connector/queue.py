@@ -140,19 +140,35 @@ def find_due_bookings(engine: Engine, limit: int, exclude: set[str] | frozenset[
     return [due.booking_id for due in find_due(engine, limit, exclude)]
 
 
+@dataclass
+class DueCursor:
+    """The position from which the dispatcher's search for due bookings goes on after `max_rows` rows.
+
+    The search reads the longest due deliveries first. When the bookings of one acting user, whose
+    calls are paced, fill all of those rows, it reads one more page from here, so the bookings of
+    other users further down are found within a few searches. Without it they waited until that
+    user's backlog shrank below `max_rows`. `position` is the (due time, row id) of the last
+    delivery read, and None starts after the first page.
+    """
+
+    position: tuple[datetime, int] | None = None
+
+
 def find_due(
     engine: Engine,
     limit: int,
     exclude: set[str] | frozenset[str] = frozenset(),
     admit: Callable[[DueBooking], bool] | None = None,
     max_rows: int | None = None,
+    cursor: DueCursor | None = None,
 ) -> list[DueBooking]:
     """Return up to `limit` bookings that have a due pending delivery and no live lease, longest due first.
 
     Ordering by due time rather than by arrival keeps a booking that fails again and again from
     getting ahead of deliveries that became due before its retry did. A booking in `exclude`,
     or one that `admit` returns False for, is passed over. With `max_rows`, the search stops
-    after reading that many deliveries, even if it found fewer than `limit` bookings.
+    after reading that many deliveries, even if it found fewer than `limit` bookings. With a
+    `cursor` too, it then reads `max_rows` more from the cursor's position and moves the cursor.
     """
     # Deliveries are read in due order through the `ix_deliveries_due` index, a page at a time,
     # until `limit` bookings are found: a booking's first delivery in that order is its longest
@@ -165,29 +181,50 @@ def find_due(
     parameters = {"now": utcnow(), "page_size": page_size}
     found: list[DueBooking] = []
     seen = set(exclude)
-    read = 0
+
+    def offer(result) -> tuple[int, tuple[datetime, int] | None]:
+        """Offer the bookings of one page; return how many rows were read and where reading stopped."""
+        in_page = 0
+        position = None
+        for row in result:
+            in_page += 1
+            position = (row.next_attempt_at, row.id)
+            if row.booking_id in seen:
+                continue
+            seen.add(row.booking_id)
+            due = DueBooking(row.booking_id, Target(row.calendar_id, row.acting_user) if row.calendar_id else None)
+            if admit is None or admit(due):
+                found.append(due)
+                if len(found) == limit:
+                    result.close()
+                    break
+        return in_page, position
+
+    def after(position: tuple[datetime, int]) -> dict:
+        return {**parameters, "after_time": position[0], "after_id": position[1]}
+
     with read_only(engine).begin() as connection:
         result = connection.execute(_SELECT_DUE, parameters)
+        read = 0
         while True:
-            row = None
-            in_page = 0
-            for row in result:
-                in_page += 1
-                if row.booking_id in seen:
-                    continue
-                seen.add(row.booking_id)
-                due = DueBooking(row.booking_id, Target(row.calendar_id, row.acting_user) if row.calendar_id else None)
-                if admit is None or admit(due):
-                    found.append(due)
-                    if len(found) == limit:
-                        result.close()
-                        return found
-
+            in_page, position = offer(result)
             read += in_page
-            if in_page < page_size or (max_rows is not None and read >= max_rows):
+            if len(found) == limit:
                 return found
-            after = {"after_time": row.next_attempt_at, "after_id": row.id}
-            result = connection.execute(_SELECT_DUE_AFTER, {**parameters, **after})
+            if in_page < page_size:
+                if cursor is not None:  # every due delivery was read, so the next search starts over
+                    cursor.position = None
+                return found
+            if max_rows is not None and read >= max_rows:
+                break
+            result = connection.execute(_SELECT_DUE_AFTER, after(position))
+
+        if cursor is None:
+            return found
+        resume_at = position if cursor.position is None else max(cursor.position, position)
+        in_page, resumed_to = offer(connection.execute(_SELECT_DUE_AFTER, after(resume_at)))
+        cursor.position = resumed_to if len(found) == limit or in_page == page_size else None
+        return found
 
 
 def next_due_time(engine: Engine) -> datetime | None:

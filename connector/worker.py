@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from connector.queue import (
     DueBooking,
+    DueCursor,
     acquire_lease,
     acquire_leases,
     find_due,
@@ -50,11 +51,10 @@ MAX_DISPATCH_WAIT_SECONDS = 0.05
 # a retry time.
 MAX_QUEUED_PACING_SECONDS = 5.0
 
-# The maximum number of pending deliveries that one search for work reads while it passes over
-# paced bookings.
-# NOTE: a host with more due bookings than this, all due before other hosts' bookings, still
-# delays those until its backlog shrinks below it. Due bookings kept per host in memory would
-# remove the bound.
+# The number of longest due deliveries that one search for work reads while it passes over paced
+# bookings. When they do not fill the free threads, the search reads as many again from where the
+# previous search left off (`DueCursor`). So a host with a larger backlog delays other hosts'
+# bookings by a few searches, not until its backlog shrinks below this.
 MAX_ROWS_PER_DISPATCH = 1024
 
 
@@ -125,6 +125,8 @@ class SyncWorker:
         # Bookings handed to threads, with the calendar their mapping named when they were.
         self._in_flight: dict[str, Target | None] = {}
         self._lock = threading.Lock()
+        # Read and moved by the dispatcher thread alone.
+        self._due_cursor = DueCursor()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sync")
         self._dispatcher = threading.Thread(target=self._dispatch_forever, name="sync-dispatcher", daemon=True)
 
@@ -219,7 +221,9 @@ class SyncWorker:
             calls_ahead[due.target.acting_user] += 1
             return True
 
-        due = find_due(self.engine, free, exclude=busy, admit=ready_now, max_rows=MAX_ROWS_PER_DISPATCH)
+        due = find_due(
+            self.engine, free, exclude=busy, admit=ready_now, max_rows=MAX_ROWS_PER_DISPATCH, cursor=self._due_cursor,
+        )
         if self._stop.is_set():
             return 0, None
 

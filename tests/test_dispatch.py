@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from connector import worker as worker_module
 from tests.support import booking, running_connector
 
 ANA = "ana@example.com"
@@ -43,3 +44,29 @@ def test_paced_host_waits_in_queue_not_in_thread(google_settings, emulator):
         (ANA, "2026-03-18T09:00:00Z"),
     ]
     assert [delivery["state"] for delivery in running.deliveries("bkg_ana")] == ["applied", "applied", "applied"]
+
+
+def test_host_behind_paced_backlog_is_reached(google_settings, emulator, monkeypatch):
+    # Ana's 12 changes fill more than the 4 rows a search reads first, and her calls are 0.1 s
+    # apart. Ben's change, due after all of hers, must not wait until her backlog drains.
+    monkeypatch.setattr(worker_module, "MAX_ROWS_PER_DISPATCH", 4)
+    settings = google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
+    ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
+    ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+
+    with running_connector(settings) as running:
+        for payload in [*ana_bookings, ben_booking]:
+            running.deliver("booking.created", payload, "2026-03-16T14:05:00Z")
+        running.wait_idle()
+        time.sleep(0.2)  # both hosts' next pacing slots are free again
+        requests_before = len(emulator.requests)
+
+        for payload in ana_bookings:
+            running.deliver("booking.rescheduled", moved(payload, "2026-03-17T09:00:00Z", "2026-03-17T09:30:00Z"), "2026-03-16T15:00:00Z")
+        running.deliver("booking.rescheduled", moved(ben_booking, "2026-03-17T10:00:00Z", "2026-03-17T10:30:00Z"), "2026-03-16T15:00:00Z")
+        running.wait_idle()
+
+    patched = [request.calendar_id for request in emulator.requests[requests_before:]]
+    assert sorted(patched) == [ANA] * 12 + [BEN]
+    # Without the search's cursor, Ben's change waited behind eight of hers.
+    assert patched.index(BEN) <= 4

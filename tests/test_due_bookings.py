@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 from connector.calendars.base import Target
 from connector.queue import (
     DueBooking,
+    DueCursor,
     acquire_lease,
     acquire_leases,
     find_due,
@@ -122,6 +123,55 @@ def test_find_due_stops_after_max_rows(engine):
 
     assert find_due(engine, 5, admit=reject, max_rows=3) == []
     assert offered == ["bkg_0", "bkg_1", "bkg_2"]
+
+
+def test_find_due_cursor_reaches_past_max_rows(engine):
+    for index in range(10):
+        add_delivery(engine, f"bkg_paced_{index}", -100 + index)
+    add_delivery(engine, "bkg_other", -1)
+    cursor = DueCursor()
+
+    def admit(due: DueBooking) -> bool:
+        return not due.booking_id.startswith("bkg_paced")
+
+    searches = [[due.booking_id for due in find_due(engine, 5, admit=admit, max_rows=3, cursor=cursor)] for _ in range(3)]
+
+    assert searches == [[], [], ["bkg_other"]]
+    assert cursor.position is None
+    assert find_due(engine, 5, admit=admit, max_rows=3) == []
+
+
+def test_find_due_cursor_moves_one_page_per_search(engine):
+    for index in range(10):
+        add_delivery(engine, f"bkg_{index}", -100 + index)
+    cursor = DueCursor()
+    offered: list[str] = []
+
+    def reject(due: DueBooking) -> bool:
+        offered.append(due.booking_id)
+        return False
+
+    find_due(engine, 5, admit=reject, max_rows=3, cursor=cursor)
+    first = list(offered)
+    offered.clear()
+    find_due(engine, 5, admit=reject, max_rows=3, cursor=cursor)
+
+    assert first == ["bkg_0", "bkg_1", "bkg_2", "bkg_3", "bkg_4", "bkg_5"]
+    assert offered == ["bkg_0", "bkg_1", "bkg_2", "bkg_6", "bkg_7", "bkg_8"]
+    assert cursor.position is not None
+
+
+def test_find_due_cursor_stays_when_first_page_fills(engine):
+    for index in range(6):
+        add_delivery(engine, f"bkg_{index}", -100 + index)
+    cursor = DueCursor()
+    find_due(engine, 5, admit=lambda due: False, max_rows=3, cursor=cursor)
+    position = cursor.position
+
+    found = find_due(engine, 2, max_rows=3, cursor=cursor)
+
+    assert [due.booking_id for due in found] == ["bkg_0", "bkg_1"]
+    assert cursor.position == position
 
 
 def lease_owners(engine: Engine) -> dict[str, str]:
