@@ -9,7 +9,7 @@ from connector.envelope import parse_timestamp
 
 
 class SnapshotError(ValueError):
-    """The payload lacks a field the calendar event needs; the message names it."""
+    """The payload lacks a field the calendar event needs; the message names the field, not the booking."""
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,12 @@ class Snapshot:
         start = self._time("startTime")
         end = self._time("endTime")
         if end < start:
-            raise SnapshotError(f"booking {self.booking_id} ends ({end}) before it starts ({start})")
+            raise SnapshotError(f"the booking ends ({end}) before it starts ({start})")
         return start, end
 
     def _time(self, key: str) -> str:
         value = self.payload.get(key)
         moment = parse_timestamp(value) if isinstance(value, str) else None
         if moment is None:
-            raise SnapshotError(f"booking {self.booking_id} has no valid {key} (got {value!r})")
+            raise SnapshotError(f"no valid {key} (got {value!r})")
         return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")

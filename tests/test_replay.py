@@ -71,6 +71,16 @@ def test_deliveries_table_counts_failed_attempts(connector, emulator, run_cli):
     assert lines[1].split()[:5] == ["dlv_applies", "bkg_xyz789", "booking.created", "applied", "0"]
 
 
+def test_unusable_booking_error_names_booking_once(connector, run_cli):
+    connector.send(signed_delivery("booking.created", booking(startTime="soon"), delivery_id="dlv_unusable"))
+    wait_settled(connector)
+
+    rows = json.loads(run_cli("deliveries", "--json").output)
+
+    assert [row["state"] for row in rows] == ["failed"]
+    assert rows[0]["last_error"] == "booking bkg_xyz789: no valid startTime (got 'soon')"
+
+
 def test_deliveries_table_shows_failure_readably(connector, emulator, run_cli):
     fail_permanently(emulator)
     connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_fails"))
