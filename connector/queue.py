@@ -227,6 +227,18 @@ def find_due(
         return found
 
 
+def due_body(engine: Engine, booking_id: str) -> bytes | None:
+    """Return the body of the booking's longest due pending delivery, or None if it has none."""
+    query = (
+        select(DELIVERIES.c.body)
+        .where(DELIVERIES.c.booking_id == booking_id, DELIVERIES.c.state == DeliveryState.PENDING)
+        .order_by(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id)
+        .limit(1)
+    )
+    with read_only(engine).begin() as connection:
+        return connection.execute(query).scalar()
+
+
 def next_due_time(engine: Engine) -> datetime | None:
     """Return when the earliest waiting delivery becomes due, if any is waiting."""
     query = select(func.min(Delivery.next_attempt_at)).where(Delivery.state == DeliveryState.PENDING)

@@ -16,17 +16,20 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.engine import Engine
 
+from connector.envelope import parse_envelope
+from connector.routing import NoRouteError
 from connector.queue import (
     DueBooking,
     DueCursor,
     acquire_lease,
     acquire_leases,
+    due_body,
     find_due,
     find_due_bookings,
     release_lease,
@@ -56,6 +59,10 @@ MAX_QUEUED_PACING_SECONDS = 5.0
 # previous search left off (`DueCursor`). So a host with a larger backlog delays other hosts'
 # bookings by a few searches, not until its backlog shrinks below this.
 MAX_ROWS_PER_DISPATCH = 1024
+
+# Bookings without a mapping whose routed calendar the dispatcher remembers for pacing; the oldest
+# is forgotten first.
+MAX_ROUTE_HINTS = 4096
 
 
 class ShutdownRequested(Exception):
@@ -125,8 +132,9 @@ class SyncWorker:
         # Bookings handed to threads, with the calendar their mapping named when they were.
         self._in_flight: dict[str, Target | None] = {}
         self._lock = threading.Lock()
-        # Read and moved by the dispatcher thread alone.
+        # Read and changed by the dispatcher thread alone.
         self._due_cursor = DueCursor()
+        self._route_hints: OrderedDict[str, Target | None] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sync")
         self._dispatcher = threading.Thread(target=self._dispatch_forever, name="sync-dispatcher", daemon=True)
 
@@ -212,13 +220,14 @@ class SyncWorker:
 
         def ready_now(due: DueBooking) -> bool:
             nonlocal shortest_wait
-            if due.target is None:  # no event yet, so the calendar is not known before routing
+            target = due.target or self._route_hint(due.booking_id)
+            if target is None:  # the booking cannot be routed; its sync records why
                 return True
-            wait = backend.pacing_wait(due.target, calls_ahead[due.target.acting_user])
+            wait = backend.pacing_wait(target, calls_ahead[target.acting_user])
             if MAX_DISPATCH_WAIT_SECONDS < wait <= MAX_QUEUED_PACING_SECONDS:
                 shortest_wait = wait if shortest_wait is None else min(shortest_wait, wait)
                 return False
-            calls_ahead[due.target.acting_user] += 1
+            calls_ahead[target.acting_user] += 1
             return True
 
         due = find_due(
@@ -227,7 +236,7 @@ class SyncWorker:
         if self._stop.is_set():
             return 0, None
 
-        targets = {booking.booking_id: booking.target for booking in due}
+        targets = {booking.booking_id: booking.target or self._route_hints.get(booking.booking_id) for booking in due}
         dispatched = 0
         for booking_id in acquire_leases(self.engine, list(targets), self.owner, self.lease_seconds):
             with self._lock:
@@ -237,6 +246,29 @@ class SyncWorker:
 
         retry_in = None if shortest_wait is None else max(shortest_wait - MAX_DISPATCH_WAIT_SECONDS, 0.001)
         return dispatched, retry_in
+
+    def _route_hint(self, booking_id: str) -> Target | None:
+        """Return the calendar a booking without a mapping will be routed to, for pacing only.
+
+        A new booking has no mapping that names its calendar. Without this hint, a burst of one
+        host's new bookings would take every thread, each waiting for that host's pacing slot. The
+        route is computed once per booking from its longest due delivery, and the sync routes
+        again from the snapshot it applies.
+        """
+        if booking_id in self._route_hints:
+            self._route_hints.move_to_end(booking_id)
+            return self._route_hints[booking_id]
+
+        body = due_body(self.engine, booking_id)
+        try:
+            target = self.booking_sync.router.route(parse_envelope(body).payload) if body else None
+        except (NoRouteError, ValueError):  # EnvelopeError is a ValueError
+            target = None
+
+        self._route_hints[booking_id] = target
+        if len(self._route_hints) > MAX_ROUTE_HINTS:
+            self._route_hints.popitem(last=False)
+        return target
 
     def _run_booking(self, booking_id: str) -> None:
         try:

@@ -70,3 +70,21 @@ def test_host_behind_paced_backlog_is_reached(google_settings, emulator, monkeyp
     assert sorted(patched) == [ANA] * 12 + [BEN]
     # Without the search's cursor, Ben's change waited behind eight of hers.
     assert patched.index(BEN) <= 4
+
+
+def test_new_bookings_of_paced_host_wait_in_queue(google_settings, emulator):
+    # Twelve new bookings of Ana, whose calls are 0.1 s apart, then one of Ben. None has a mapping
+    # yet, so the dispatcher learns each host from the booking's routing.
+    settings = google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
+    ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
+    ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+
+    with running_connector(settings) as running:
+        for payload in [*ana_bookings, ben_booking]:
+            running.deliver("booking.created", payload, "2026-03-16T14:05:00Z")
+        running.wait_idle()
+
+    inserted = [request.calendar_id for request in emulator.requests if request.method == "POST"]
+    assert sorted(inserted) == [ANA] * 12 + [BEN]
+    # Without the routing hint, both threads took Ana's bookings in due order and Ben's came last.
+    assert inserted.index(BEN) <= 3

@@ -15,6 +15,7 @@ from connector.queue import (
     DueCursor,
     acquire_lease,
     acquire_leases,
+    due_body,
     find_due,
     find_due_bookings,
     hand_back_lease,
@@ -31,7 +32,9 @@ def engine(tmp_path: Path) -> Engine:
     engine.dispose()
 
 
-def add_delivery(engine: Engine, booking_id: str | None, due_in: float, state: str = DeliveryState.PENDING) -> None:
+def add_delivery(
+    engine: Engine, booking_id: str | None, due_in: float, state: str = DeliveryState.PENDING, body: bytes = b"{}",
+) -> None:
     now = utcnow()
     add_delivery.count += 1
     with engine.begin() as connection:
@@ -42,7 +45,7 @@ def add_delivery(engine: Engine, booking_id: str | None, due_in: float, state: s
             version="2026-03-16T14:05:00.000000Z",
             rank=0,
             booking_id=booking_id,
-            body=b"{}",
+            body=body,
             received_at=now,
             state=state,
             attempts=0,
@@ -172,6 +175,17 @@ def test_find_due_cursor_stays_when_first_page_fills(engine):
 
     assert [due.booking_id for due in found] == ["bkg_0", "bkg_1"]
     assert cursor.position == position
+
+
+def test_due_body_is_longest_due_pending(engine):
+    add_delivery(engine, "bkg_a", -30, state=DeliveryState.APPLIED, body=b"applied")
+    add_delivery(engine, "bkg_a", -5, body=b"newer")
+    add_delivery(engine, "bkg_a", -10, body=b"older")
+    add_delivery(engine, "bkg_b", -10, state=DeliveryState.FAILED, body=b"failed")
+
+    assert due_body(engine, "bkg_a") == b"older"
+    assert due_body(engine, "bkg_b") is None
+    assert due_body(engine, "bkg_unknown") is None
 
 
 def lease_owners(engine: Engine) -> dict[str, str]:
