@@ -29,9 +29,9 @@ from connector.queue import (
     DueCursor,
     acquire_lease,
     acquire_leases,
-    due_body,
     find_due,
     find_due_bookings,
+    newest_pending_body,
     release_lease,
     renew_leases,
 )
@@ -57,12 +57,17 @@ MAX_QUEUED_PACING_SECONDS = 5.0
 # The number of longest due deliveries that one search for work reads while it passes over paced
 # bookings. When they do not fill the free threads, the search reads as many again from where the
 # previous search left off (`DueCursor`). So a host with a larger backlog delays other hosts'
-# bookings by a few searches, not until its backlog shrinks below this.
+# bookings by one search per this many of its rows at most, not until its backlog shrinks below it.
 MAX_ROWS_PER_DISPATCH = 1024
 
 # Bookings without a mapping whose routed calendar the dispatcher remembers for pacing; the oldest
 # is forgotten first.
 MAX_ROUTE_HINTS = 4096
+
+# Bookings without a mapping that one search for work routes, each with a query for its body. The
+# search passes over the others and the next one starts at once, so a burst of new bookings costs
+# many short searches rather than one long one.
+MAX_ROUTES_PER_DISPATCH = 64
 
 
 class ShutdownRequested(Exception):
@@ -129,7 +134,7 @@ class SyncWorker:
         self.housekeeping = housekeeping
         self._stop = stop_signal or StopSignal()
         self._wake = threading.Event()
-        # Bookings handed to threads, with the calendar their mapping named when they were.
+        # Bookings handed to threads, with the calendar their mapping or routing hint named when they were.
         self._in_flight: dict[str, Target | None] = {}
         self._lock = threading.Lock()
         # Read and changed by the dispatcher thread alone.
@@ -217,10 +222,18 @@ class SyncWorker:
 
         backend = self.booking_sync.backend
         shortest_wait: float | None = None
+        routes_left = MAX_ROUTES_PER_DISPATCH
 
         def ready_now(due: DueBooking) -> bool:
-            nonlocal shortest_wait
-            target = due.target or self._route_hint(due.booking_id)
+            nonlocal shortest_wait, routes_left
+            target = due.target
+            if target is None and due.booking_id not in self._route_hints:
+                if routes_left == 0:  # passed over, and the next search starts at once
+                    shortest_wait = min(shortest_wait or MAX_DISPATCH_WAIT_SECONDS, MAX_DISPATCH_WAIT_SECONDS)
+                    return False
+                routes_left -= 1
+            if target is None:
+                target = self._route_hint(due.booking_id)
             if target is None:  # the booking cannot be routed; its sync records why
                 return True
             wait = backend.pacing_wait(target, calls_ahead[target.acting_user])
@@ -239,6 +252,7 @@ class SyncWorker:
         targets = {booking.booking_id: booking.target or self._route_hints.get(booking.booking_id) for booking in due}
         dispatched = 0
         for booking_id in acquire_leases(self.engine, list(targets), self.owner, self.lease_seconds):
+            self._route_hints.pop(booking_id, None)  # its sync routes it, so a later search routes it anew
             with self._lock:
                 self._in_flight[booking_id] = targets[booking_id]
             self._pool.submit(self._run_booking, booking_id)
@@ -252,18 +266,24 @@ class SyncWorker:
 
         A new booking has no mapping that names its calendar. Without this hint, a burst of one
         host's new bookings would take every thread, each waiting for that host's pacing slot. The
-        route is computed once per booking from its longest due delivery, and the sync routes
-        again from the snapshot it applies.
+        route comes from the snapshot that the sync will apply, and is kept until the booking is
+        handed to a thread, whose sync routes it again. None means it cannot be routed: the
+        booking then goes to a thread at once, and its sync records why.
         """
         if booking_id in self._route_hints:
             self._route_hints.move_to_end(booking_id)
             return self._route_hints[booking_id]
 
-        body = due_body(self.engine, booking_id)
+        target = None
         try:
-            target = self.booking_sync.router.route(parse_envelope(body).payload) if body else None
+            body = newest_pending_body(self.engine, booking_id)
+            if body:
+                target = self.booking_sync.router.route(parse_envelope(body).payload)
         except (NoRouteError, ValueError):  # EnvelopeError is a ValueError
-            target = None
+            pass
+        except Exception as error:  # a failing hint must not stop the search for other bookings
+            log.warning("booking %s: routing it for pacing failed, so it is not paced in the queue: %s",
+                        booking_id, error)
 
         self._route_hints[booking_id] = target
         if len(self._route_hints) > MAX_ROUTE_HINTS:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from connector import worker as worker_module
+from connector.routing import Router
 from tests.support import booking, running_connector
 
 ANA = "ana@example.com"
@@ -72,9 +75,11 @@ def test_host_behind_paced_backlog_is_reached(google_settings, emulator, monkeyp
     assert patched.index(BEN) <= 4
 
 
-def test_new_bookings_of_paced_host_wait_in_queue(google_settings, emulator):
+@pytest.mark.parametrize("routes_per_search", [worker_module.MAX_ROUTES_PER_DISPATCH, 2])
+def test_new_bookings_of_paced_host_wait_in_queue(google_settings, emulator, monkeypatch, routes_per_search):
     # Twelve new bookings of Ana, whose calls are 0.1 s apart, then one of Ben. None has a mapping
-    # yet, so the dispatcher learns each host from the booking's routing.
+    # yet, so the dispatcher learns each host from the booking's routing, a few per search.
+    monkeypatch.setattr(worker_module, "MAX_ROUTES_PER_DISPATCH", routes_per_search)
     settings = google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
     ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
     ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
@@ -88,3 +93,27 @@ def test_new_bookings_of_paced_host_wait_in_queue(google_settings, emulator):
     assert sorted(inserted) == [ANA] * 12 + [BEN]
     # Without the routing hint, both threads took Ana's bookings in due order and Ben's came last.
     assert inserted.index(BEN) <= 3
+
+
+def test_routing_error_spares_other_bookings(google_settings, emulator, monkeypatch):
+    route = Router.route
+
+    def route_failing_for_one(router, payload):
+        if payload.get("id") == "bkg_broken":
+            raise RuntimeError("routing rule evaluation failed")
+        return route(router, payload)
+
+    monkeypatch.setattr(Router, "route", route_failing_for_one)
+    settings = google_settings.model_copy(update={"worker_threads": 2})
+
+    with running_connector(settings) as running:
+        running.deliver("booking.created", booking(id="bkg_broken", hostEmail=ANA), "2026-03-16T14:05:00Z")
+        running.deliver("booking.created", booking(id="bkg_fine", hostEmail=BEN), "2026-03-16T14:05:00Z")
+        running.wait_idle()
+        broken = running.deliveries("bkg_broken")
+        fine = running.deliveries("bkg_fine")
+
+    assert [request.calendar_id for request in emulator.requests if request.method == "POST"] == [BEN]
+    assert [delivery["state"] for delivery in fine] == ["applied"]
+    assert broken[0]["state"] == "pending"
+    assert "routing rule evaluation failed" in broken[0]["last_error"]

@@ -15,10 +15,10 @@ from connector.queue import (
     DueCursor,
     acquire_lease,
     acquire_leases,
-    due_body,
     find_due,
     find_due_bookings,
     hand_back_lease,
+    newest_pending_body,
     release_lease_if_idle,
 )
 from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, create_tables, make_engine, utcnow
@@ -33,7 +33,13 @@ def engine(tmp_path: Path) -> Engine:
 
 
 def add_delivery(
-    engine: Engine, booking_id: str | None, due_in: float, state: str = DeliveryState.PENDING, body: bytes = b"{}",
+    engine: Engine,
+    booking_id: str | None,
+    due_in: float,
+    state: str = DeliveryState.PENDING,
+    body: bytes = b"{}",
+    version: str = "2026-03-16T14:05:00.000000Z",
+    rank: int = 0,
 ) -> None:
     now = utcnow()
     add_delivery.count += 1
@@ -42,8 +48,8 @@ def add_delivery(
             delivery_id=f"dlv_{add_delivery.count}",
             body_digest=f"{add_delivery.count:064d}",
             event="booking.created",
-            version="2026-03-16T14:05:00.000000Z",
-            rank=0,
+            version=version,
+            rank=rank,
             booking_id=booking_id,
             body=body,
             received_at=now,
@@ -177,15 +183,21 @@ def test_find_due_cursor_stays_when_first_page_fills(engine):
     assert cursor.position == position
 
 
-def test_due_body_is_longest_due_pending(engine):
-    add_delivery(engine, "bkg_a", -30, state=DeliveryState.APPLIED, body=b"applied")
-    add_delivery(engine, "bkg_a", -5, body=b"newer")
-    add_delivery(engine, "bkg_a", -10, body=b"older")
+def test_newest_pending_body_is_what_sync_applies(engine):
+    add_delivery(engine, "bkg_a", -30, state=DeliveryState.APPLIED, body=b"applied", version="2026-03-16T16:00:00.000000Z")
+    add_delivery(engine, "bkg_a", -5, body=b"newest", version="2026-03-16T15:00:00.000000Z")
+    add_delivery(engine, "bkg_a", -10, body=b"older", version="2026-03-16T14:00:00.000000Z")
+    add_delivery(engine, "bkg_a", -20, body=b"same time, lower rank", version="2026-03-16T15:00:00.000000Z", rank=-1)
     add_delivery(engine, "bkg_b", -10, state=DeliveryState.FAILED, body=b"failed")
 
-    assert due_body(engine, "bkg_a") == b"older"
-    assert due_body(engine, "bkg_b") is None
-    assert due_body(engine, "bkg_unknown") is None
+    assert newest_pending_body(engine, "bkg_a") == b"newest"
+    assert newest_pending_body(engine, "bkg_b") is None
+    assert newest_pending_body(engine, "bkg_unknown") is None
+
+
+def test_find_due_rejects_max_rows_below_one(engine):
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        find_due(engine, 5, max_rows=0)
 
 
 def lease_owners(engine: Engine) -> dict[str, str]:
