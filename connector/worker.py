@@ -227,12 +227,13 @@ class SyncWorker:
         def ready_now(due: DueBooking) -> bool:
             nonlocal shortest_wait, routes_left
             target = due.target
-            if target is None and due.booking_id not in self._route_hints:
-                if routes_left == 0:  # passed over, and the next search starts at once
-                    shortest_wait = min(shortest_wait or MAX_DISPATCH_WAIT_SECONDS, MAX_DISPATCH_WAIT_SECONDS)
-                    return False
-                routes_left -= 1
             if target is None:
+                if due.booking_id not in self._route_hints:
+                    if routes_left == 0:
+                        # Passed over. Every other wait recorded is longer, so the next search starts at once.
+                        shortest_wait = MAX_DISPATCH_WAIT_SECONDS
+                        return False
+                    routes_left -= 1
                 target = self._route_hint(due.booking_id)
             if target is None:  # the booking cannot be routed; its sync records why
                 return True
