@@ -18,6 +18,21 @@ def moved(payload: dict, start: str, end: str) -> dict:
     return dict(payload, startTime=start, endTime=end)
 
 
+def two_threads_paced(google_settings):
+    """Return settings with two sync threads and each host's calls 0.1 s apart."""
+    return google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
+
+
+def twelve_of_ana_then_ben() -> tuple[list[dict], dict]:
+    ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
+    return ana_bookings, booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+
+
+def create_all(running, payloads: list[dict]) -> None:
+    for payload in payloads:
+        running.deliver("booking.created", payload, "2026-03-16T14:05:00Z")
+
+
 def test_paced_host_waits_in_queue_not_in_thread(google_settings, emulator):
     # One thread, and 120 requests per minute per host, so each host's calls are 0.5 s apart.
     settings = google_settings.model_copy(update={"worker_threads": 1, "google_user_requests_per_minute": 120})
@@ -53,13 +68,10 @@ def test_host_behind_paced_backlog_is_reached(google_settings, emulator, monkeyp
     # Ana's 12 changes fill more than the 4 rows a search reads first, and her calls are 0.1 s
     # apart. Ben's change, due after all of hers, must not wait until her backlog drains.
     monkeypatch.setattr(worker_module, "MAX_ROWS_PER_DISPATCH", 4)
-    settings = google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
-    ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
-    ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+    ana_bookings, ben_booking = twelve_of_ana_then_ben()
 
-    with running_connector(settings) as running:
-        for payload in [*ana_bookings, ben_booking]:
-            running.deliver("booking.created", payload, "2026-03-16T14:05:00Z")
+    with running_connector(two_threads_paced(google_settings)) as running:
+        create_all(running, [*ana_bookings, ben_booking])
         running.wait_idle()
         time.sleep(0.2)  # both hosts' next pacing slots are free again
         requests_before = len(emulator.requests)
@@ -80,13 +92,10 @@ def test_new_bookings_of_paced_host_wait_in_queue(google_settings, emulator, mon
     # Twelve new bookings of Ana, whose calls are 0.1 s apart, then one of Ben. None has a mapping
     # yet, so the dispatcher learns each host from the booking's routing, a few per search.
     monkeypatch.setattr(worker_module, "MAX_ROUTES_PER_DISPATCH", routes_per_search)
-    settings = google_settings.model_copy(update={"worker_threads": 2, "google_user_requests_per_minute": 600})
-    ana_bookings = [booking(id=f"bkg_ana_{index}", hostEmail=ANA, hostUserId="usr_ana") for index in range(12)]
-    ben_booking = booking(id="bkg_ben", hostEmail=BEN, hostUserId="usr_ben")
+    ana_bookings, ben_booking = twelve_of_ana_then_ben()
 
-    with running_connector(settings) as running:
-        for payload in [*ana_bookings, ben_booking]:
-            running.deliver("booking.created", payload, "2026-03-16T14:05:00Z")
+    with running_connector(two_threads_paced(google_settings)) as running:
+        create_all(running, [*ana_bookings, ben_booking])
         running.wait_idle()
 
     inserted = [request.calendar_id for request in emulator.requests if request.method == "POST"]
