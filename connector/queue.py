@@ -44,6 +44,15 @@ _SELECT_PENDING = (
     .order_by(DELIVERIES.c.version, DELIVERIES.c.rank, DELIVERIES.c.id)
 )
 
+# The body of the pending snapshot a booking's sync applies. The dispatcher reads it to route a
+# booking without a mapping, up to MAX_ROUTES_PER_DISPATCH times per search.
+_SELECT_NEWEST_PENDING_BODY = (
+    select(DELIVERIES.c.body)
+    .where(DELIVERIES.c.booking_id == bindparam("booking"), DELIVERIES.c.state == DeliveryState.PENDING)
+    .order_by(DELIVERIES.c.version.desc(), DELIVERIES.c.rank.desc(), DELIVERIES.c.id)
+    .limit(1)
+)
+
 _SELECT_DUE = (
     select(
         DELIVERIES.c.booking_id, DELIVERIES.c.next_attempt_at, DELIVERIES.c.id, MAPPINGS.c.calendar_id,
@@ -234,14 +243,8 @@ def newest_pending_body(engine: Engine, booking_id: str) -> bytes | None:
 
     Newest means the highest (version, rank), as the sync picks it, and the first stored of equals.
     """
-    query = (
-        select(DELIVERIES.c.body)
-        .where(DELIVERIES.c.booking_id == booking_id, DELIVERIES.c.state == DeliveryState.PENDING)
-        .order_by(DELIVERIES.c.version.desc(), DELIVERIES.c.rank.desc(), DELIVERIES.c.id)
-        .limit(1)
-    )
     with read_only(engine).begin() as connection:
-        return connection.execute(query).scalar()
+        return connection.execute(_SELECT_NEWEST_PENDING_BODY, {"booking": booking_id}).scalar()
 
 
 def next_due_time(engine: Engine) -> datetime | None:
