@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from connector.metrics import render_metrics
-from connector.storage import Delivery, DeliveryState, utcnow
+from connector.storage import Delivery, DeliveryState, read_only, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def find_stall(engine: Engine, stall_seconds: float) -> str | None:
         Delivery.state.in_((DeliveryState.APPLIED, DeliveryState.STALE, DeliveryState.FAILED))
     )
 
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         oldest = _aware(connection.execute(oldest_due).scalar())
         if oldest is None or oldest > limit:
             return None
@@ -112,5 +112,5 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 def _ping(engine: Engine) -> None:
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         connection.execute(text("SELECT 1"))

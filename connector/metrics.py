@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from connector.storage import Delivery, DeliveryState, utcnow
+from connector.storage import Delivery, DeliveryState, read_only, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def read_queue(engine: Engine) -> tuple[int, float, int]:
     pending = select(func.count(), func.min(Delivery.received_at)).where(Delivery.state == DeliveryState.PENDING)
     failed = select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)
 
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         depth, oldest_received = connection.execute(pending).one()
         failed_count = connection.execute(failed).scalar_one()
 

@@ -32,7 +32,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from connector.decisions import MappingState
 from connector.envelope import EnvelopeError, parse_envelope, parse_timestamp
-from connector.storage import BookingMapping, Delivery, DeliveryState, utcnow
+from connector.storage import BookingMapping, Delivery, DeliveryState, read_only, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _split_newest_snapshots(engine: Engine, older_than: datetime, payload_cutoff
     )
     kept: list[int] = []
     over: list[int] = []
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         for row_id, event, body in connection.execute(query):
             (over if _booking_over(event, body, payload_cutoff) else kept).append(row_id)
     return kept, over

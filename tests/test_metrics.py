@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +191,38 @@ def test_readyz_ready_while_worker_progresses(tmp_path, emulator, service_accoun
         response = running.client.get("/readyz")
 
     assert response.status_code == 200
+
+
+def test_health_reads_while_another_process_writes(tmp_path):
+    database = tmp_path / "connector.db"
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{database}", ready_stall_seconds=60)
+    with connector_without_worker(settings) as client:
+        delivery = signed_delivery("booking.created", booking())
+        assert client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers).status_code == 200
+
+        # Another process's write transaction, such as an operator's sqlite3 shell, holds SQLite's write lock.
+        other = sqlite3.connect(database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            answers = _within(5.0, lambda: (client.get("/readyz"), scrape(client)))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+    ready, samples = answers
+    assert ready.status_code == 200
+    assert ready.text == "ready"
+    assert value(samples, "proximity_queue_depth") == 1
+
+
+def _within(seconds: float, call):
+    """Return what `call` returns, failing the test if it takes longer than `seconds`."""
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"no answer within {seconds} s"
+    return outcome[0]
 
 
 MULTIPROCESS_RECORD = """

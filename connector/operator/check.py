@@ -25,7 +25,7 @@ from connector.mappings import Mappings, MappingsError, load_mappings
 from connector.metrics import MULTIPROCESS_DIR_VARIABLE
 from connector.schema import SchemaError, schema_status
 from connector.settings import Settings, SettingsError, load_settings
-from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine
+from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine, read_only
 
 if TYPE_CHECKING:
     from connector.calendars.google import GoogleCalendar
@@ -208,7 +208,7 @@ def _count_deliveries(engine: Engine) -> tuple[int, int]:
         .where(Delivery.state.in_((DeliveryState.PENDING, DeliveryState.FAILED)))
         .group_by(Delivery.state)
     )
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         counts = dict(connection.execute(query).all())
     return counts.get(DeliveryState.PENDING, 0), counts.get(DeliveryState.FAILED, 0)
 
@@ -242,7 +242,7 @@ def _mapped_targets(engine: Engine) -> list[Target]:
         .where(BookingMapping.calendar_id.is_not(None))
         .distinct()
     )
-    with engine.connect() as connection:
+    with read_only(engine).connect() as connection:
         rows = connection.execute(query).all()
     rows = sorted(rows, key=lambda row: (row[0], row[1] or ""))
     return [Target(calendar_id, acting_user) for calendar_id, acting_user in rows]

@@ -33,7 +33,7 @@ from connector.envelope import EnvelopeError, parse_envelope, parse_timestamp
 from connector.event_content import build_event_body
 from connector.mappings import Mappings
 from connector.snapshots import Snapshot, SnapshotError
-from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, utcnow
+from connector.storage import BookingLease, BookingMapping, Delivery, DeliveryState, read_only, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DriftFinder:
             query = query.where(
                 or_(func.lower(BookingMapping.acting_user) == self.host, func.lower(BookingMapping.calendar_id) == self.host)
             )
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(read_only(self.engine), expire_on_commit=False) as session:
             rows = list(session.execute(query).scalars())
             session.expunge_all()
         return [row for row in rows if self._starts_in_scope(row)]
@@ -265,7 +265,7 @@ class DriftFinder:
         if row.booking_id not in self._deliveries:
             delivery = None
             if row.last_delivery_id:
-                with Session(self.engine, expire_on_commit=False) as session:
+                with Session(read_only(self.engine), expire_on_commit=False) as session:
                     delivery = session.execute(
                         select(Delivery).where(Delivery.delivery_id == row.last_delivery_id)
                     ).scalar_one_or_none()
@@ -275,7 +275,7 @@ class DriftFinder:
 
     def mapping(self, booking_id: str) -> BookingMapping | None:
         """Return a booking's mapping row as it is now."""
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(read_only(self.engine), expire_on_commit=False) as session:
             row = session.get(BookingMapping, booking_id)
             session.expunge_all()
         return row
@@ -315,13 +315,13 @@ class DriftFinder:
 
     def _predecessors(self, booking_id: str) -> list[str]:
         query = select(BookingMapping.booking_id).where(BookingMapping.carried_to == booking_id)
-        with self.engine.connect() as connection:
+        with read_only(self.engine).connect() as connection:
             return list(connection.execute(query).scalars())
 
     def _mapping_rows(self, booking_ids: list[str]) -> dict[str, BookingMapping]:
         if not booking_ids:
             return {}
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(read_only(self.engine), expire_on_commit=False) as session:
             rows = list(session.execute(select(BookingMapping).where(BookingMapping.booking_id.in_(booking_ids))).scalars())
             session.expunge_all()
         return {row.booking_id: row for row in rows}
@@ -330,7 +330,7 @@ class DriftFinder:
         """Return the bookings with pending deliveries or a live lease: the worker owns them now."""
         pending = select(Delivery.booking_id).where(Delivery.state == DeliveryState.PENDING, Delivery.booking_id.is_not(None))
         leased = select(BookingLease.booking_id).where(BookingLease.expires_at > utcnow())
-        with self.engine.connect() as connection:
+        with read_only(self.engine).connect() as connection:
             return set(connection.execute(pending.distinct()).scalars()) | set(connection.execute(leased).scalars())
 
     def _starts_in_scope(self, row: BookingMapping) -> bool:
