@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 
+# How long a request waits for the commit of its delivery before the receiver responds with 503.
+# Commits take milliseconds, so only a database that stays locked or stuck reaches this, for
+# example while another process holds SQLite's write lock. The commit may still succeed
+# afterwards. Proximity's retry of that delivery is then a duplicate, so nothing is lost or
+# stored twice.
+ACK_TIMEOUT_SECONDS = 10.0
+
 
 @dataclass(slots=True)
 class DeliveryRecord:
@@ -64,18 +71,33 @@ class IntakeError(RuntimeError):
     """The database stored a batch but the intake could not tell which of its deliveries were new."""
 
 
+class IntakeTimeoutError(TimeoutError):
+    """The database did not commit a delivery within the acknowledgement timeout."""
+
+
 # A waiting caller: an asyncio future of a request handler, or a thread's concurrent future.
 Waiter = asyncio.Future | Future
 Batch = list[tuple[DeliveryRecord, Waiter]]
+# The deliveries one event loop handed over together, and the timer that fails their requests
+# with `IntakeTimeoutError` if the commit takes too long. A delivery stored from a thread has no timer.
+Handover = tuple[Batch, asyncio.TimerHandle | None]
+# The timers of the handovers in one write, each with its event loop, which alone may cancel it.
+Timers = list[tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]]
 
 
 class DeliveryIntake:
     """Stores deliveries durably, batching concurrent commits."""
 
-    def __init__(self, engine: Engine, on_commit: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_commit: Callable[[list[str]], None] | None = None,
+        ack_timeout: float | None = None,
+    ) -> None:
         self._engine = engine
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._ack_timeout = ACK_TIMEOUT_SECONDS if ack_timeout is None else ack_timeout
+        self._queue: queue.SimpleQueue[Handover | None] = queue.SimpleQueue()
         self._gathering: dict[asyncio.AbstractEventLoop, Batch] = {}
         self._closed = False
         self._sqlite = SqliteInserter(engine) if engine.dialect.name == "sqlite" else None
@@ -91,7 +113,10 @@ class DeliveryIntake:
             self._statement = insert(Delivery).returning(Delivery.id)
 
     async def store(self, record: DeliveryRecord) -> bool:
-        """Store a delivery and wait for its commit; return False if it was already stored."""
+        """Store a delivery and wait for its commit; return False if it was already stored.
+
+        Raises `IntakeTimeoutError` when the commit takes longer than the acknowledgement timeout.
+        """
         if self._closed:
             raise IntakeClosedError("the delivery intake is stopped")
         loop = asyncio.get_running_loop()
@@ -105,14 +130,15 @@ class DeliveryIntake:
     def store_blocking(self, record: DeliveryRecord) -> bool:
         """Store a delivery from a thread; return False if it was already stored."""
         future: Future[bool] = Future()
-        self._queue.put([(record, future)])
+        self._queue.put(([(record, future)], None))
         return future.result()
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """Pass the deliveries gathered in this loop iteration to the writer thread."""
         batch = self._gathering.pop(loop, None)
         if batch:  # `close` may have handed this loop's deliveries over already
-            self._queue.put(batch)
+            timer = loop.call_later(self._ack_timeout, _expire, [waiter for _, waiter in batch], self._ack_timeout)
+            self._queue.put((batch, timer))
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer thread."""
@@ -129,7 +155,9 @@ class DeliveryIntake:
             first = self._queue.get()
             if first is None:
                 return
-            batch = list(first)
+            batch: Batch = []
+            timers: Timers = []
+            _add_handover(first, batch, timers)
             stopping = False
             while len(batch) < MAX_BATCH:
                 try:
@@ -139,28 +167,28 @@ class DeliveryIntake:
                 if more is None:
                     stopping = True
                     break
-                batch += more
+                _add_handover(more, batch, timers)
 
             if self._sqlite is not None:
-                self._write_sqlite(batch)
+                self._write_sqlite(batch, timers)
             else:
-                self._write(batch)
+                self._write(batch, timers)
             if stopping:
                 return
 
-    def _write_sqlite(self, batch: Batch) -> None:
+    def _write_sqlite(self, batch: Batch, timers: Timers) -> None:
         records = [record for record, _ in batch]
         try:
             results = self._sqlite.insert(records, utcnow())
         except Exception as error:  # the database failed, so every waiting request gets a 503
             log.error("storing %d deliveries failed: %s", len(batch), error)
-            _settle(batch, error)
+            _settle(batch, error, timers)
             return
 
-        _settle(batch, results)
+        _settle(batch, results, timers)
         self._report_commit(records, results)
 
-    def _write(self, batch: Batch) -> None:
+    def _write(self, batch: Batch, timers: Timers) -> None:
         # Receivers sharing a PostgreSQL database insert in delivery id order, so two batches that
         # hold the same ids wait for each other instead of deadlocking on the unique index.
         # NOTE: equal bodies under different delivery ids can still deadlock, and then every
@@ -174,10 +202,10 @@ class DeliveryIntake:
                     notify_new_deliveries(connection)
         except Exception as error:  # the database failed: every waiting request answers 503
             log.error("storing %d deliveries failed: %s", len(batch), error)
-            _settle(batch, error)
+            _settle(batch, error, timers)
             return
 
-        _settle(batch, results)
+        _settle(batch, results, timers)
         self._report_commit([record for record, _ in batch], results)
 
     def _report_commit(self, records: Sequence[DeliveryRecord], results: Sequence[bool]) -> None:
@@ -391,8 +419,19 @@ class WalCheckpointer:
             pooled.close()
 
 
-def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:
-    """Hand each waiting caller its result or the error: threads at once, each event loop in one callback."""
+def _add_handover(handover: Handover, batch: Batch, timers: Timers) -> None:
+    deliveries, timer = handover
+    batch += deliveries
+    if timer is not None:
+        timers.append((deliveries[0][1].get_loop(), timer))
+
+
+def _settle(batch: Batch, outcome: Sequence[bool] | BaseException, timers: Timers) -> None:
+    """Hand each waiting caller its result or the error: threads at once, each event loop in one callback.
+
+    The callback also cancels the batch's timeouts, because a timer may be cancelled only in its
+    own loop. A cancelled timer drops its list of waiters, which is then not kept until the timeout.
+    """
     per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool | BaseException]]] = {}
     for index, (_, waiter) in enumerate(batch):
         result = outcome if isinstance(outcome, BaseException) else outcome[index]
@@ -403,16 +442,32 @@ def _settle(batch: Batch, outcome: Sequence[bool] | BaseException) -> None:
         else:
             waiter.set_result(result)
 
+    timers_per_loop: dict[asyncio.AbstractEventLoop, list[asyncio.TimerHandle]] = {}
+    for loop, timer in timers:
+        timers_per_loop.setdefault(loop, []).append(timer)
+
     for loop, results in per_loop.items():
         try:
-            loop.call_soon_threadsafe(_settle_in_loop, results)
+            loop.call_soon_threadsafe(_settle_in_loop, results, timers_per_loop.get(loop, ()))
         except RuntimeError:  # the loop is closed, so no request waits any more
             log.warning("%d stored deliveries had no request left to answer: the event loop is closed", len(results))
 
 
-def _settle_in_loop(results: list[tuple[asyncio.Future, bool | BaseException]]) -> None:
+def _expire(waiters: list[Waiter], timeout: float) -> None:
+    """Fail the requests whose delivery is still not committed, so each gets a 503 response."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(IntakeTimeoutError(f"the database did not commit the delivery within {timeout:g} s"))
+
+
+def _settle_in_loop(
+    results: list[tuple[asyncio.Future, bool | BaseException]], timers: Sequence[asyncio.TimerHandle]
+) -> None:
+    for timer in timers:
+        timer.cancel()
+
     for waiter, result in results:
-        if waiter.done():  # the request was cancelled, for example because the client went away
+        if waiter.done():  # the request timed out, or was cancelled because the client went away
             continue
         if isinstance(result, BaseException):
             waiter.set_exception(result)

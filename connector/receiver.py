@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from connector.envelope import EnvelopeError, check_delivery_id, parse_envelope
 from connector.health import health_routes
-from connector.intake import DeliveryIntake, DeliveryRecord
+from connector.intake import DeliveryIntake, DeliveryRecord, IntakeTimeoutError
 from connector.metrics import ACK_LATENCY, DELIVERIES_RECEIVED, RECEIVED_OUTCOMES
 from connector.signatures import SignatureError, verify
 from connector.storage import DeliveryState
@@ -108,6 +108,10 @@ class WebhookReceiver:
         )
         try:
             stored = await self.intake.store(record)
+        except IntakeTimeoutError as error:
+            # The commit may still succeed, and Proximity's retry is then a duplicate.
+            log.warning("delivery %s got a 503 response: %s", delivery_id, error)
+            return *_refusal(503, "storage unavailable, retry later"), "unavailable"
         except Exception as error:
             log.error("delivery %s not stored, answered 503: %s", delivery_id, error)
             return *_refusal(503, "storage unavailable, retry later"), "unavailable"

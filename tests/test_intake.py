@@ -21,6 +21,7 @@ from connector.intake import (
     DeliveryIntake,
     DeliveryRecord,
     IntakeClosedError,
+    IntakeTimeoutError,
     SqliteInserter,
     _row,
 )
@@ -237,3 +238,43 @@ def test_close_stores_gathered_deliveries(engine):
 
     assert asyncio.run(store_then_close()) is True
     assert stored_ids(engine) == ["d1"]
+
+
+def test_store_times_out_while_database_locked(engine, tmp_path):
+    intake = DeliveryIntake(engine, ack_timeout=0.3)
+    other = sqlite3.connect(tmp_path / "intake.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction holds SQLite's write lock
+
+    async def store_while_locked() -> tuple[BaseException | bool, float]:
+        started = time.monotonic()
+        try:
+            outcome = await intake.store(record("d1"))
+        except IntakeTimeoutError as error:
+            outcome = error
+        waited = time.monotonic() - started
+        other.execute("ROLLBACK")  # the writer thread, still waiting, now commits the delivery
+        return outcome, waited
+
+    outcome, waited = asyncio.run(store_while_locked())
+    other.close()
+
+    assert isinstance(outcome, IntakeTimeoutError)
+    assert str(outcome) == "the database did not commit the delivery within 0.3 s"
+    assert 0.3 <= waited < 2.0
+    assert intake.store_blocking(record("d1")) is False  # the retry finds the late commit
+    assert stored_ids(engine) == ["d1"]
+    intake.close()
+
+
+def test_store_cancels_timeout_after_commit(engine):
+    intake = DeliveryIntake(engine, ack_timeout=0.2)
+
+    async def store_then_wait() -> list[bool]:
+        results = [await intake.store(record("d1")), await intake.store(record("d2"))]
+        await asyncio.sleep(0.4)  # past the timeout, which must not touch the answered requests
+        loop = asyncio.get_running_loop()
+        assert all(timer.cancelled() for timer in loop._scheduled)  # noqa: SLF001  (asyncio's timer heap)
+        return results
+
+    assert asyncio.run(store_then_wait()) == [True, True]
+    intake.close()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+import connector.intake as intake_module
 from connector.app import build_connector, build_web_app
 from tests.support import SECRET, RunningConnector, booking, running_connector, signed_delivery
 from tests.support import connector_settings as make_settings
@@ -213,6 +214,32 @@ def test_health_reads_while_another_process_writes(tmp_path):
     assert ready.status_code == 200
     assert ready.text == "ready"
     assert value(samples, "proximity_queue_depth") == 1
+
+
+def test_webhook_answers_503_while_database_locked(tmp_path, monkeypatch):
+    monkeypatch.setattr(intake_module, "ACK_TIMEOUT_SECONDS", 0.3)
+    database = tmp_path / "connector.db"
+    settings = make_settings(tmp_path, database_url=f"sqlite:///{database}")
+    delivery = signed_delivery("booking.created", booking())
+    with connector_without_worker(settings) as client:
+        before = scrape(client)
+        other = sqlite3.connect(database, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            locked = _within(5.0, lambda: client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        retried = client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers)
+        after = scrape(client)
+
+    assert locked.status_code == 503
+    assert locked.json() == {"error": "storage unavailable, retry later"}
+    assert retried.status_code == 200
+    assert retried.json()["status"] == "duplicate"  # the first attempt was committed once the lock was gone
+    assert delta(before, after, "proximity_deliveries_received_total", outcome="unavailable") == 1
+    assert delta(before, after, "proximity_deliveries_received_total", outcome="duplicate") == 1
+    assert value(after, "proximity_queue_depth") == 1
 
 
 def _within(seconds: float, call):
