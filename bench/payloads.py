@@ -46,7 +46,7 @@ EVENT_TYPES = (
     ("evt_review60", "Quarterly Review / Überprüfung", "quarterly-review"),
 )
 BASE_START = datetime(2027, 3, 1, 8, 0, tzinfo=UTC)
-BASE_CREATED = datetime(2027, 2, 1, 9, 0, tzinfo=UTC)
+BASE_CREATED = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)  # in the past: the receiver rejects a createdAt over an hour ahead
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -26,6 +27,12 @@ from connector.storage import DeliveryState
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/proximity"
+
+# A delivery whose createdAt is further ahead of this server's clock is rejected with 400. The
+# worker applies a snapshot only if it is newer than the booking's applied one, so a createdAt
+# years ahead would make every later change of the booking look stale. An hour leaves room for
+# clocks that drift apart.
+MAX_CREATED_AHEAD_SECONDS = 3600
 
 # The counter of each outcome, looked up once instead of by label on every request.
 _RECEIVED_BY_OUTCOME = {outcome: DELIVERIES_RECEIVED.labels(outcome) for outcome in RECEIVED_OUTCOMES}
@@ -51,6 +58,7 @@ class WebhookReceiver:
         self.intake = intake
         self.secrets = list(secrets)
         self.max_body_bytes = max_body_bytes
+        self._latest_version = ("", -1)  # the newest accepted createdAt, and the second it was computed in
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Respond to one delivery and record its outcome and latency."""
@@ -95,6 +103,18 @@ class WebhookReceiver:
             log.warning("delivery %s rejected: %s", repr(delivery_id[:80]) if delivery_id else "-", error)
             return *_refusal(400, str(error)), "malformed"
 
+        latest = self._latest_accepted_version()
+        if envelope.version > latest:
+            log.warning(
+                "delivery %s rejected: createdAt %s is more than %d s ahead of this server's clock",
+                delivery_id, envelope.version, MAX_CREATED_AHEAD_SECONDS,
+            )
+            reason = (
+                f"envelope createdAt {envelope.version} is more than {MAX_CREATED_AHEAD_SECONDS} s ahead of "
+                f"this server's clock, which accepts up to {latest}; check the clocks of the sender and the receiver"
+            )
+            return *_refusal(400, reason), "malformed"
+
         state = DeliveryState.PENDING if envelope.is_known_event else DeliveryState.IGNORED
         record = DeliveryRecord(
             delivery_id=delivery_id,
@@ -127,6 +147,13 @@ class WebhookReceiver:
             )
         return 200, orjson.dumps({"status": outcome, "delivery": delivery_id}), outcome
 
+    def _latest_accepted_version(self) -> str:
+        """Return the newest createdAt accepted now, computed once per second."""
+        second = int(time.time())
+        if self._latest_version[1] != second:
+            self._latest_version = (latest_accepted_version(second), second)
+        return self._latest_version[0]
+
     async def _read_body(self, receive: Receive, declared: str | None) -> bytes:
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLargeError
@@ -148,6 +175,15 @@ class WebhookReceiver:
 
 # The request headers the receiver reads; a delivery's other headers are not looked at.
 _READ_HEADERS = frozenset((b"x-webhook-delivery", b"x-webhook-signature", b"x-webhook-event", b"content-length"))
+
+
+def latest_accepted_version(now: float) -> str:
+    """Return the newest createdAt accepted at Unix time `now`, as a version text of connector/envelope.py.
+
+    Versions are fixed-width UTC text, such as 2026-03-16T14:05:00.000000Z, so they compare as strings.
+    """
+    moment = datetime.fromtimestamp(int(now) + MAX_CREATED_AHEAD_SECONDS, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
 
 
 def _webhook_headers(scope: Scope) -> dict[str, str]:
