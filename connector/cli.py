@@ -183,7 +183,8 @@ def worker() -> None:
 @main.command()
 @click.option("--state", type=click.Choice(DeliveryState.ALL), help="Only deliveries in this state.")
 @click.option("--booking", "booking_id", help="Only deliveries of this booking id.")
-@click.option("--limit", default=100, show_default=True, help="Show at most this many, newest first.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Show at most this many deliveries, newest first (at least 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def deliveries(state: str | None, booking_id: str | None, limit: int, as_json: bool) -> None:
     """List stored deliveries: state, failed attempts, next attempt, and the last error or outcome."""

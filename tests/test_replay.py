@@ -151,6 +151,29 @@ def test_deliveries_without_match_says_so(connector, run_cli):
     assert result.output == "No deliveries match.\n"
 
 
+def test_deliveries_limit_keeps_newest(connector, run_cli):
+    for number in range(3):
+        connector.send(signed_delivery("booking.created", booking(id=f"bkg_{number}"), delivery_id=f"dlv_{number}"))
+    wait_settled(connector)
+
+    rows = json.loads(run_cli("deliveries", "--limit", "2", "--json").output)
+
+    assert [row["delivery"] for row in rows] == ["dlv_2", "dlv_1"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_deliveries_limit_below_one_rejected(connector, run_cli, limit):
+    connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_listed"))
+    wait_settled(connector)
+
+    result = run_cli("deliveries", "--limit", limit)
+
+    assert result.exit_code == 2
+    assert "Invalid value for '--limit'" in result.output
+    assert f"{limit} is not in the range x>=1" in result.output
+    assert "dlv_listed" not in result.output
+
+
 def test_replay_failed_delivery_applies_it(connector, emulator, run_cli):
     fail_permanently(emulator)
     connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_fails"))
