@@ -424,6 +424,11 @@ def schedule_retry(connection: Connection, row_id: int, error: str, delay_second
     connection.execute(update(DELIVERIES).where(DELIVERIES.c.id == row_id).values(**values))
 
 
+def format_attempts(count: int) -> str:
+    """Return "1 attempt" or "N attempts", for messages that count a delivery's attempts."""
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
 @dataclass(frozen=True)
 class ReplayResult:
     """The outcome of `replay_delivery` for one delivery, in words for the operator."""
@@ -447,7 +452,9 @@ def replay_delivery(session: Session, delivery: Delivery) -> ReplayResult:
     if delivery.state == DeliveryState.PENDING:
         delivery.next_attempt_at = utcnow()
         session.add(delivery)
-        return result(True, f"already pending after {delivery.attempts} attempts; now due at once")
+        if delivery.attempts == 0:
+            return result(True, "already pending; now due at once")
+        return result(True, f"already pending after {format_attempts(delivery.attempts)} failed; now due at once")
     if delivery.body is None:
         return result(False, "not queued: its payload was pruned, so it cannot be applied again")
 
@@ -463,13 +470,16 @@ def replay_delivery(session: Session, delivery: Delivery) -> ReplayResult:
         return result(False, f"not queued: booking {delivery.booking_id} has a newer snapshot applied "
                              f"(delivery {mapping.last_delivery_id}), so this one would change nothing")
 
-    was = delivery.state if delivery.state != DeliveryState.FAILED else f"failed after {delivery.attempts} attempts"
+    if delivery.state == DeliveryState.FAILED:
+        earlier = f"had failed after {format_attempts(delivery.attempts)}"
+    else:
+        earlier = f"was {delivery.state}"
     previous = delivery.last_error or delivery.outcome
     delivery.state = DeliveryState.PENDING
     delivery.attempts = 0
     delivery.next_attempt_at = utcnow()
     delivery.finished_at = None
     delivery.last_error = None
-    delivery.outcome = f"replayed; was {was}: {previous}" if previous else f"replayed; was {was}"
+    delivery.outcome = f"replayed; {earlier}: {previous}" if previous else f"replayed; {earlier}"
     session.add(delivery)
-    return result(True, f"queued again (was {was})")
+    return result(True, f"queued again ({earlier})")

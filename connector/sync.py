@@ -71,6 +71,7 @@ from connector.queue import (
     DELIVERIES,
     PendingDelivery,
     acquire_lease,
+    format_attempts,
     finish_deliveries,
     hand_back_lease,
     load_booking,
@@ -567,7 +568,7 @@ class BookingSync:
         attempts = deliveries[newest_index].attempts + 1
         delay = self.backoff.delay(attempts, retry_after)
         if delay is None:
-            self._fail(deliveries, newest_index, newest, f"{error} (gave up after {attempts} attempts)")
+            self._fail(deliveries, newest_index, newest, f"{error} (gave up after {format_attempts(attempts)})")
             return
         self._retry(deliveries, newest_index, newest, error, delay, counted=True)
 

@@ -156,6 +156,19 @@ def test_last_attempt_marks_delivery_failed(start_connector, emulator):
     assert_mirrored(emulator, [JANE], active=[], removed=["bkg_xyz789"])
 
 
+def test_single_attempt_failure_reads_singular(start_connector, emulator):
+    running = start_connector(delivery_max_attempts=1)
+    emulator.add_fault("POST", status=503, reason="backendError", message="Backend Error", times=None)
+
+    running.deliver("booking.created", booking())
+    wait_settled(running)
+
+    delivery = only_delivery(running)
+    assert delivery["state"] == "failed"
+    assert delivery["attempts"] == 1
+    assert delivery["last_error"].endswith("(gave up after 1 attempt)")
+
+
 @pytest.mark.parametrize(
     ("fault", "calls_made", "expected"),
     [

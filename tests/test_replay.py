@@ -184,11 +184,36 @@ def test_replay_failed_delivery_applies_it(connector, emulator, run_cli):
     wait_settled(connector)
 
     assert result.exit_code == 0
-    assert result.output == "dlv_fails  queued again (was failed after 1 attempts)\nQueued 1 of 1 deliveries.\n"
+    assert result.output == "dlv_fails  queued again (had failed after 1 attempt)\nQueued 1 of 1 deliveries.\n"
     delivery = connector.deliveries()[0]
     assert delivery["state"] == "applied"
     assert delivery["attempts"] == 0
     assert_mirrored(emulator, [JANE], active=["bkg_xyz789"])
+
+
+def test_replay_counts_several_attempts(connector, emulator, run_cli):
+    fail_permanently(emulator)
+    connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_fails"))
+    wait_settled(connector)
+    with connector.connector.engine.begin() as connection:
+        connection.execute(update(Delivery).where(Delivery.delivery_id == "dlv_fails").values(attempts=3))
+
+    result = run_cli("replay", "--json", "dlv_fails")
+
+    rows = json.loads(result.output)
+    assert rows[0]["message"] == "queued again (had failed after 3 attempts)"
+
+
+def test_replay_pending_delivery_counts_failures(connector, run_cli):
+    connector.send(signed_delivery("booking.created", booking(), delivery_id="dlv_waits"))
+    wait_settled(connector)
+    with connector.connector.engine.begin() as connection:
+        connection.execute(update(Delivery).values(state="pending", attempts=1, next_attempt_at=utcnow() + timedelta(hours=1)))
+
+    result = run_cli("replay", "--json", "dlv_waits")
+
+    rows = json.loads(result.output)
+    assert rows[0]["message"] == "already pending after 1 attempt failed; now due at once"
 
 
 def test_replay_applied_delivery_changes_nothing(connector, emulator, run_cli):
@@ -246,7 +271,7 @@ def test_replay_failed_narrowed_by_booking_and_since(connector, emulator, run_cl
 
     states = {row["delivery_id"]: row["state"] for row in connector.deliveries()}
     assert by_booking.output.splitlines()[0].startswith("dlv_2  queued again")
-    assert since.output.splitlines() == ["dlv_1  queued again (was failed after 1 attempts)", "Queued 1 of 1 deliveries."]
+    assert since.output.splitlines() == ["dlv_1  queued again (had failed after 1 attempt)", "Queued 1 of 1 deliveries."]
     assert states == {"dlv_0": "failed", "dlv_1": "applied", "dlv_2": "applied"}
     assert_mirrored(emulator, [JANE], active=["bkg_1", "bkg_2"], removed=["bkg_0"])
 

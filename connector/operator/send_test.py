@@ -25,6 +25,7 @@ from sqlmodel import Session
 from connector.calendars.base import CalendarBackend, CalendarError, Target
 from connector.envelope import BOOKING_EVENTS
 from connector.operator.common import command_settings, open_database
+from connector.queue import format_attempts
 from connector.settings import Settings
 from connector.signatures import sign
 from connector.storage import BookingMapping, Delivery, DeliveryState
@@ -243,7 +244,7 @@ def _finished_delivery(engine: Engine, delivery_id: str, timeout: float) -> Deli
 def _report_result(settings: Settings, engine: Engine, delivery: Delivery, timeout: float) -> int:
     if delivery.state == DeliveryState.PENDING:
         detail = f"; last error: {delivery.last_error}" if delivery.last_error else ""
-        click.echo(f"Still pending after {timeout:g} s ({delivery.attempts} attempts{detail}). Is a worker running?", err=True)
+        click.echo(f"Still pending after {timeout:g} s ({format_attempts(delivery.attempts)} failed{detail}). Is a worker running?", err=True)
         return 1
     if delivery.state == DeliveryState.FAILED:
         click.echo(f"Failed: {delivery.last_error}", err=True)
