@@ -295,6 +295,8 @@ def _read_source(path: Path) -> _SourceFile | None:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return None
+    except IsADirectoryError as error:
+        raise MappingsError(path, None, "is a folder, but must be a TOML file; remove or rename the folder") from error
     except UnicodeDecodeError as error:
         raise MappingsError(
             path, None, f"is not valid UTF-8 text ({error.reason}); save it as UTF-8"

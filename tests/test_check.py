@@ -134,6 +134,49 @@ def test_check_reports_malformed_mappings(tmp_path, emulator, service_account_ke
     assert "mappings/README.md" in fix_after(result, "✗ mappings folder")
 
 
+def test_check_mappings_fix_names_line(tmp_path, emulator, service_account_key):
+    write_routing(tmp_path, '[[route]]\nevent_type_slug = "demo"\n')
+
+    result = invoke(["check"], google_env(tmp_path, emulator, service_account_key))
+
+    fix = fix_after(result, "✗ mappings folder")
+    assert fix == "    fix: correct the file at the line named; mappings/README.md describes every key"
+
+
+def write_extra_toml(folder: Path) -> Path:
+    (folder / "routes.toml").write_text("", encoding="utf-8")
+    return folder / "routes.toml"
+
+
+def write_non_utf8_routing(folder: Path) -> Path:
+    (folder / "routing.toml").write_bytes(b"# caf\xe9\n")
+    return folder / "routing.toml"
+
+
+def make_routing_folder(folder: Path) -> Path:
+    (folder / "routing.toml").mkdir()
+    return folder / "routing.toml"
+
+
+@pytest.mark.parametrize("make_problem", [write_extra_toml, write_non_utf8_routing, make_routing_folder])
+def test_check_mappings_fix_without_line(tmp_path, emulator, service_account_key, make_problem):
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    path = make_problem(folder)
+
+    result = invoke(["check"], google_env(tmp_path, emulator, service_account_key))
+
+    assert result.exit_code == 1
+    assert f"{path}: " in line_starting(result, "✗ mappings folder")
+    assert ", line " not in line_starting(result, "✗ mappings folder")
+    fix = fix_after(result, "✗ mappings folder")
+    assert "at the line named" not in fix
+    assert fix == (
+        f"    fix: correct, rename or remove {path} as the problem says; mappings/README.md describes "
+        "the files the folder may contain and their keys"
+    )
+
+
 def test_check_reports_invalid_toml(tmp_path, emulator, service_account_key):
     write_routing(tmp_path, "[[route]\n")
 

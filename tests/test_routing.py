@@ -514,6 +514,17 @@ def test_routing_file_not_utf8(tmp_path: Path) -> None:
     assert "UTF-8" in error.problem
 
 
+def test_routing_file_that_is_a_folder(tmp_path: Path) -> None:
+    directory = tmp_path / "mappings"
+    (directory / "routing.toml").mkdir(parents=True)
+
+    error = load_error(directory)
+
+    assert error.path == directory / "routing.toml"
+    assert error.line is None
+    assert error.problem == "is a folder, but must be a TOML file; remove or rename the folder"
+
+
 def test_routing_file_with_byte_order_mark(tmp_path: Path) -> None:
     directory = tmp_path / "mappings"
     directory.mkdir()

@@ -150,7 +150,7 @@ def _check_mappings(report: CheckReport, settings: Settings) -> Mappings | None:
     try:
         mappings = load_mappings(settings.mappings_dir)
     except MappingsError as error:
-        report.failed(item, str(error), "correct the file at the line named; mappings/README.md describes every key")
+        report.failed(item, str(error), _mappings_fix(error))
         return None
 
     if not settings.mappings_dir.exists():
@@ -160,6 +160,16 @@ def _check_mappings(report: CheckReport, settings: Settings) -> Mappings | None:
     rules = len(mappings.router.rules)
     report.ok(item, f"valid; {rules} routing rule{'' if rules == 1 else 's'}")
     return mappings
+
+
+def _mappings_fix(error: MappingsError) -> str:
+    """Return the advice for a mappings error, which points at a line only when the error names one."""
+    if error.line is not None:
+        return "correct the file at the line named; mappings/README.md describes every key"
+    return (
+        f"correct, rename or remove {error.path} as the problem says; mappings/README.md describes "
+        "the files the folder may contain and their keys"
+    )
 
 
 def _check_database(report: CheckReport, settings: Settings) -> Engine | None:
