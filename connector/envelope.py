@@ -76,36 +76,68 @@ def parse_envelope(body: bytes, header_event: str | None = None, *, exact_number
     document = _load_json(body) if exact_numbers else _load_json_fast(body)
 
     if not isinstance(document, dict):
-        raise EnvelopeError("body is not a JSON object")
+        raise EnvelopeError(f"body must be a JSON object, not {json_type_name(document)}")
 
     event = document.get("event")
-    if not isinstance(event, str) or not event:
+    if event is None:
         raise EnvelopeError("envelope has no event name")
+    if not isinstance(event, str):
+        raise EnvelopeError(f"envelope event name must be a string, not {json_type_name(event)}")
+    if not event:
+        raise EnvelopeError("envelope event name is empty")
     if len(event) > MAX_EVENT_LENGTH or not event.isprintable():
         raise EnvelopeError(f"envelope event name is not printable text of at most {MAX_EVENT_LENGTH} characters")
     if header_event and header_event.strip() and header_event.strip() != event:
         raise EnvelopeError(f"X-Webhook-Event {header_event.strip()!r} contradicts the body's event {event!r}")
 
     created_at = document.get("createdAt")
-    if not isinstance(created_at, str):
+    if created_at is None:
         raise EnvelopeError("envelope has no createdAt")
+    if not isinstance(created_at, str):
+        raise EnvelopeError(f"envelope createdAt must be a string, not {json_type_name(created_at)}")
     version = normalize_timestamp(created_at)
     if version is None:
         raise EnvelopeError(f"envelope createdAt {created_at!r} is not an ISO 8601 time")
 
     payload = document.get("payload")
+    if payload is None:
+        raise EnvelopeError("envelope has no payload")
     if not isinstance(payload, dict):
-        raise EnvelopeError("envelope payload is not a JSON object")
+        raise EnvelopeError(f"envelope payload must be a JSON object, not {json_type_name(payload)}")
 
-    booking_id = payload.get("id")
-    if event in EVENT_RANK and (not isinstance(booking_id, str) or not booking_id.strip()):
-        raise EnvelopeError(f"{event} payload has no booking id")
-    if not isinstance(booking_id, str) or not booking_id.strip():
-        booking_id = None
-    elif len(booking_id) > MAX_ID_LENGTH or not booking_id.isprintable():
-        raise EnvelopeError(f"payload id is not printable text of at most {MAX_ID_LENGTH} characters")
-
+    booking_id = _check_booking_id(event, payload.get("id"))
     return Envelope(event=event, version=version, payload=payload, booking_id=booking_id)
+
+
+def _check_booking_id(event: str, value: Any) -> str | None:
+    """Return the payload's booking id, None for an unknown event without a usable one, or raise EnvelopeError."""
+    if event in EVENT_RANK:
+        if value is None:
+            raise EnvelopeError(f"{event} payload has no booking id")
+        if not isinstance(value, str):
+            raise EnvelopeError(f"{event} payload id must be a string, not {json_type_name(value)}")
+        if not value.strip():
+            raise EnvelopeError(f"{event} payload id is empty")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    if len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise EnvelopeError(f"payload id is not printable text of at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def json_type_name(value: Any) -> str:
+    """Return the JSON name of a parsed value's type, with its article, such as "a number" or "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def _load_json_fast(body: bytes) -> Any:
@@ -121,6 +153,8 @@ def _load_json_fast(body: bytes) -> Any:
 
 
 def _load_json(body: bytes) -> Any:
+    if not body.strip():
+        raise EnvelopeError("body is empty")
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:

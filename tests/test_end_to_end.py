@@ -257,6 +257,31 @@ def test_malformed_body_rejected(google_connector, body):
     assert google_connector.deliveries() == []
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"", "body is empty"),
+        (
+            b'{"event": "booking.created", "createdAt": "2026-03-16T14:05:00Z", "payload": {"id": 5}}',
+            "booking.created payload id must be a string, not a number",
+        ),
+    ],
+)
+def test_malformed_body_reason_answered(google_connector, body, error):
+    import hashlib
+    import hmac
+
+    headers = {
+        "X-Webhook-Signature": hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+        "X-Webhook-Delivery": "dlv_bad",
+    }
+    response = google_connector.client.post("/webhooks/proximity", content=body, headers=headers)
+
+    assert response.status_code == 400
+    assert error in response.json()["error"]
+    assert google_connector.deliveries() == []
+
+
 def test_oversized_body_rejected(google_connector, emulator):
     huge = booking(invitee={"name": "x" * (1024 * 1024 + 10)})
     response = google_connector.deliver("booking.created", huge)

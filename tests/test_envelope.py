@@ -99,43 +99,47 @@ def test_parse_escaped_unicode_decoded() -> None:
     [
         (b"\xff\xfe{}", None, "not valid UTF-8"),
         (b'{"event":"booking.created","payload":{"name":"Caf\xe9"}}', None, "not valid UTF-8"),
-        (b"", None, "not valid JSON"),
+        (b"", None, "body is empty"),
+        (b" \r\n\t", None, "body is empty"),
         (b"{not json", None, "not valid JSON"),
         (b'{"event":"booking.created",}', None, "not valid JSON"),
         (b"\xef\xbb\xbf{}", None, "not valid JSON"),
-        (b"[]", None, "not a JSON object"),
-        (b'"booking.created"', None, "not a JSON object"),
-        (b"null", None, "not a JSON object"),
-        (envelope_body(event=OMIT), None, "no event name"),
-        (envelope_body(event=""), None, "no event name"),
-        (envelope_body(event=42), None, "no event name"),
-        (envelope_body(event=None), None, "no event name"),
+        (b"[]", None, "body must be a JSON object, not an array"),
+        (b'"booking.created"', None, "body must be a JSON object, not a string"),
+        (b"null", None, "body must be a JSON object, not null"),
+        (envelope_body(event=OMIT), None, "envelope has no event name"),
+        (envelope_body(event=""), None, "envelope event name is empty"),
+        (envelope_body(event=42), None, "envelope event name must be a string, not a number"),
+        (envelope_body(event=None), None, "envelope has no event name"),
         (envelope_body(), "booking.cancelled", "contradicts"),
         (envelope_body(event="booking.cancelled"), "booking.created", "contradicts"),
-        (envelope_body(created_at=OMIT), None, "no createdAt"),
-        (envelope_body(created_at=None), None, "no createdAt"),
-        (envelope_body(created_at=1773669900), None, "no createdAt"),
+        (envelope_body(created_at=OMIT), None, "envelope has no createdAt"),
+        (envelope_body(created_at=None), None, "envelope has no createdAt"),
+        (envelope_body(created_at=1773669900), None, "envelope createdAt must be a string, not a number"),
         (envelope_body(created_at=""), None, "not an ISO 8601 time"),
         (envelope_body(created_at="yesterday"), None, "not an ISO 8601 time"),
         (envelope_body(created_at="16/03/2026 14:05"), None, "not an ISO 8601 time"),
         (envelope_body(created_at="2026-03-16T25:00:00Z"), None, "not an ISO 8601 time"),
         (envelope_body(created_at="2026-02-30T14:05:00Z"), None, "not an ISO 8601 time"),
         (envelope_body(created_at="2026-03-16T14:05:00+24:00"), None, "not an ISO 8601 time"),
-        (envelope_body(payload=OMIT), None, "payload is not a JSON object"),
-        (envelope_body(payload=None), None, "payload is not a JSON object"),
-        (envelope_body(payload=[PAYLOAD]), None, "payload is not a JSON object"),
-        (envelope_body(payload="bkg_xyz789"), None, "payload is not a JSON object"),
-        (envelope_body(payload={"status": "Confirmed"}), None, "has no booking id"),
-        (envelope_body(payload={"id": ""}), None, "has no booking id"),
-        (envelope_body(payload={"id": "   "}), None, "has no booking id"),
-        (envelope_body(payload={"id": 12345}), None, "has no booking id"),
-        (envelope_body(payload={"id": None}), None, "has no booking id"),
-        (envelope_body(event="booking.cancelled", payload={}), None, "has no booking id"),
+        (envelope_body(payload=OMIT), None, "envelope has no payload"),
+        (envelope_body(payload=None), None, "envelope has no payload"),
+        (envelope_body(payload=[PAYLOAD]), None, "envelope payload must be a JSON object, not an array"),
+        (envelope_body(payload="bkg_xyz789"), None, "envelope payload must be a JSON object, not a string"),
+        (envelope_body(payload={"status": "Confirmed"}), None, "booking.created payload has no booking id"),
+        (envelope_body(payload={"id": ""}), None, "booking.created payload id is empty"),
+        (envelope_body(payload={"id": "   "}), None, "booking.created payload id is empty"),
+        (envelope_body(payload={"id": 12345}), None, "booking.created payload id must be a string, not a number"),
+        (envelope_body(payload={"id": True}), None, "booking.created payload id must be a string, not a boolean"),
+        (envelope_body(payload={"id": {"value": "bkg_1"}}), None, "booking.created payload id must be a string, not an object"),
+        (envelope_body(payload={"id": None}), None, "booking.created payload has no booking id"),
+        (envelope_body(event="booking.cancelled", payload={}), None, "booking.cancelled payload has no booking id"),
     ],
     ids=[
         "invalid-utf8",
         "latin1-byte",
         "empty-body",
+        "whitespace-body",
         "broken-json",
         "trailing-comma",
         "utf8-bom",
@@ -165,6 +169,8 @@ def test_parse_escaped_unicode_decoded() -> None:
         "id-empty",
         "id-blank",
         "id-number",
+        "id-boolean",
+        "id-object",
         "id-null",
         "cancel-without-id",
     ],
@@ -174,6 +180,21 @@ def test_parse_invalid_raises(body: bytes, header_event: str | None, reason: str
         parse_envelope(body, header_event)
 
     assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "body is empty"),
+        (envelope_body(payload={"id": 5}), "booking.created payload id must be a string, not a number"),
+        (envelope_body(payload=[PAYLOAD]), "envelope payload must be a JSON object, not an array"),
+    ],
+)
+def test_parse_fast_path_same_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(EnvelopeError) as caught:
+        parse_envelope(body, exact_numbers=False)
+
+    assert str(caught.value) == reason
 
 
 def test_parse_contradiction_names_both() -> None:
