@@ -105,12 +105,7 @@ class Router:
 
         if rule is None:
             if host_email is None:
-                raise self._no_route_error(
-                    payload,
-                    "has no email address and no rule",
-                    f"add a [[route]] rule with {_suggested_criterion(payload)}, calendar_id "
-                    f"and acting_user to {self.rules_file}",
-                )
+                raise self._no_route_error(payload, "has no email address and no rule", self._no_rule_fix(payload))
             return Target(calendar_id=host_email, acting_user=host_email)
 
         acting_user = rule.acting_user or host_email
@@ -122,6 +117,26 @@ class Router:
                 f"add acting_user to that rule in {self.rules_file}",
             )
         return Target(calendar_id=rule.calendar_id, acting_user=acting_user)
+
+    def _no_rule_fix(self, payload: Mapping[str, Any]) -> str:
+        """Return the fix for a booking without hostEmail, suggesting only rule keys that its payload can match."""
+        host_user_id = _text_field(payload, "hostUserId")
+        if host_user_id:
+            return f'add a [[route]] rule with host_user_id = "{host_user_id}", calendar_id and acting_user to {self.rules_file}'
+
+        event_type_slug = _text_field(payload, "eventTypeSlug")
+        if event_type_slug:
+            return (
+                f'add a [[route]] rule with event_type_slug = "{event_type_slug}", calendar_id and acting_user '
+                f"to {self.rules_file}, which routes every booking of that event type, because the payload "
+                "has no hostUserId to match"
+            )
+
+        return (
+            f"no [[route]] rule in {self.rules_file} can match it, because the payload has none of hostEmail, "
+            "hostUserId and eventTypeSlug, the fields that host_email, host_user_id and event_type_slug match. "
+            "Check the booking's host in Proximity"
+        )
 
     def _no_route_error(self, payload: Mapping[str, Any], reason: str, fix: str) -> NoRouteError:
         """Build the error that names the host, why it has no calendar, and the fix."""
@@ -135,19 +150,6 @@ class Router:
 
         message = f"Host {host} {reason}, so the booking has no calendar; {fix}."
         return NoRouteError(message, host_user_id=host_user_id, host_name=host_name)
-
-
-def _suggested_criterion(payload: Mapping[str, Any]) -> str:
-    """Return the rule criterion that would match this booking's host, as TOML text."""
-    host_user_id = _text_field(payload, "hostUserId")
-    if host_user_id:
-        return f'host_user_id = "{host_user_id}"'
-
-    event_type_slug = _text_field(payload, "eventTypeSlug")
-    if event_type_slug:
-        return f'event_type_slug = "{event_type_slug}"'
-
-    return "event_type_slug"
 
 
 def _text_field(payload: Mapping[str, Any], name: str) -> str | None:

@@ -189,6 +189,7 @@ def test_no_route_error_for_host_without_email(host_email: Any) -> None:
     assert "Jane Doe" in message
     assert "mappings/routing.toml" in message
     assert 'host_user_id = "usr_host123"' in message
+    assert "event_type_slug" not in message
     assert caught.value.host_user_id == "usr_host123"
     assert caught.value.host_name == "Jane Doe"
 
@@ -210,6 +211,36 @@ def test_no_route_error_names_host_by_name_only() -> None:
     message = str(caught.value)
     assert "Jane Doe" in message
     assert 'event_type_slug = "30min-call"' in message
+    assert "routes every booking of that event type" in message
+
+
+def test_no_route_error_without_any_criterion() -> None:
+    payload = booking(hostEmail=None, hostUserId=None, hostName=None)
+    del payload["eventTypeSlug"]
+
+    with pytest.raises(NoRouteError) as caught:
+        Router().route(payload)
+
+    assert str(caught.value) == (
+        "Host with no hostUserId or hostName has no email address and no rule, so the booking has no calendar; "
+        "no [[route]] rule in mappings/routing.toml can match it, because the payload has none of hostEmail, "
+        "hostUserId and eventTypeSlug, the fields that host_email, host_user_id and event_type_slug match. "
+        "Check the booking's host in Proximity."
+    )
+    assert "add a [[route]] rule" not in str(caught.value)
+
+
+@pytest.mark.parametrize("slug", [None, "", "  "])
+def test_no_route_error_blank_slug_not_suggested(slug: Any) -> None:
+    payload = booking(hostEmail=None, hostUserId=None, eventTypeSlug=slug)
+
+    with pytest.raises(NoRouteError) as caught:
+        Router().route(payload)
+
+    message = str(caught.value)
+    assert message.startswith("Host Jane Doe has no email address and no rule")
+    assert "event_type_slug =" not in message
+    assert "can match it" in message
 
 
 def test_no_route_error_names_loaded_rules_file(tmp_path: Path) -> None:
