@@ -6,13 +6,24 @@ repeats the same list for operators.
 
 from __future__ import annotations
 
+import difflib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger(__name__)
+
 DEFAULT_GOOGLE_API_ENDPOINT = "https://www.googleapis.com/calendar/v3/"
+ENV_FILE = Path(".env")
+
+# python-dotenv (1.x) logs each line it cannot parse on this logger, without naming the file.
+DOTENV_LOGGER = "dotenv.main"
 
 
 class SettingsError(Exception):
@@ -22,7 +33,12 @@ class SettingsError(Exception):
 class Settings(BaseSettings):
     """Everything an operator can configure."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # With extra="allow", pydantic-settings keeps the keys of the .env file that name no setting in
+    # `model_extra`, so `load_settings` can report them. Unknown variables of the process
+    # environment are never read, because other programs share them.
+    model_config = SettingsConfigDict(env_file=ENV_FILE, env_file_encoding="utf-8", extra="allow")
+
+    _env_file_problems: list[EnvFileProblem] = PrivateAttr(default_factory=list)
 
     proximity_webhook_secret: str = Field(
         default="",
@@ -121,6 +137,11 @@ class Settings(BaseSettings):
         return level
 
     @property
+    def env_file_problems(self) -> list[EnvFileProblem]:
+        """Return the lines of the .env file that were ignored: unknown settings and unparseable lines."""
+        return list(self._env_file_problems)
+
+    @property
     def webhook_secrets(self) -> list[str]:
         """Return the configured secrets, rotation order kept, blanks dropped."""
         return split_secrets(self.proximity_webhook_secret)
@@ -133,17 +154,39 @@ class Settings(BaseSettings):
         return "google" if self.google_credentials_file else "ics"
 
 
+@dataclass(frozen=True)
+class EnvFileProblem:
+    """A line of the .env file that the connector ignored, with what is wrong and how to fix it."""
+
+    path: Path
+    problem: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {self.fix}"
+
+
 def split_secrets(text: str) -> list[str]:
     """Return the comma-separated webhook secrets of `text`, in order, without blanks."""
     return [secret.strip() for secret in text.split(",") if secret.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings, turning validation errors into one sentence per bad setting."""
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as error:
-        raise SettingsError(_describe_validation_error(error)) from None
+    """Read the settings, turning validation errors into one sentence per bad setting.
+
+    Logs a warning for each ignored line of the .env file, which `Settings.env_file_problems` also returns.
+    """
+    env_file = _env_file_path(overrides.get("_env_file", ENV_FILE))
+    with _unparseable_env_lines(env_file) as problems:
+        try:
+            settings = Settings(**overrides)
+        except ValidationError as error:
+            _log_env_file_problems(problems)
+            raise SettingsError(_describe_validation_error(error)) from None
+
+    problems += _unknown_env_keys(env_file, settings, overrides)
+    settings._env_file_problems = problems
+    _log_env_file_problems(problems)
 
     if settings.backend_name == "google" and not settings.google_credentials_file:
         raise SettingsError(
@@ -159,6 +202,68 @@ def load_settings(**overrides: object) -> Settings:
             f"GOOGLE_CREDENTIALS_FILE {settings.google_credentials_file} does not exist or is not a file."
         )
     return settings
+
+
+def _env_file_path(env_file: object) -> Path:
+    """Return the absolute path of the .env file that problems name; `_env_file` may override it."""
+    if isinstance(env_file, str | Path):
+        return Path(env_file).resolve()
+    return ENV_FILE.resolve()
+
+
+def _log_env_file_problems(problems: list[EnvFileProblem]) -> None:
+    # Callers usually configure logging after reading the settings, so these lines may reach
+    # stderr through Python's last-resort handler, as plain text whatever LOG_FORMAT sets.
+    for problem in problems:
+        log.warning("%s", problem)
+
+
+@contextmanager
+def _unparseable_env_lines(env_file: Path) -> Iterator[list[EnvFileProblem]]:
+    """Collect python-dotenv's warnings about unparseable lines as problems that name the file.
+
+    Its own log records are dropped meanwhile, because they name the line but not the file, and
+    `load_settings` logs each problem again with the file.
+    """
+    problems: list[EnvFileProblem] = []
+
+    def collect(record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("python-dotenv could not parse"):
+            return True
+        line = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        problems.append(EnvFileProblem(
+            env_file,
+            f"the statement starting at line {line} could not be parsed, so it is ignored",
+            "write it as NAME=value, quote a value with spaces, or start a comment with #",
+        ))
+        return False
+
+    dotenv_logger = logging.getLogger(DOTENV_LOGGER)
+    dotenv_logger.addFilter(collect)
+    try:
+        yield problems
+    finally:
+        dotenv_logger.removeFilter(collect)
+
+
+def _unknown_env_keys(env_file: Path, settings: Settings, overrides: dict[str, object]) -> list[EnvFileProblem]:
+    """Return a problem for each .env key that names no setting, and drop those keys from `settings`.
+
+    pydantic-settings reads names case-insensitively and stores them lowercased, so the problems
+    name them in upper case, as the settings are documented.
+    """
+    extra = settings.model_extra or {}
+    known = [name.upper() for name in Settings.model_fields]
+    problems = []
+    for key in sorted(extra):
+        if key in overrides:
+            continue
+        name = key.upper()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        fix = f"did you mean {close[0]}?" if close else "`proximity-sync settings` lists every setting"
+        problems.append(EnvFileProblem(env_file, f"{name} is not a setting of the connector, so it is ignored", fix))
+    extra.clear()
+    return problems
 
 
 def _describe_validation_error(error: ValidationError) -> str:

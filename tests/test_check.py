@@ -71,6 +71,20 @@ def test_check_passes_for_working_setup(tmp_path, emulator, service_account_key)
     assert lines(result)[-1].startswith("All ")
 
 
+def test_check_warns_of_unknown_dotenv_key(tmp_path, emulator, service_account_key):
+    (tmp_path / ".env").write_text("WORKER_THREAD=4\n")
+
+    result = invoke(["check", "--host", JANE], google_env(tmp_path, emulator, service_account_key))
+
+    dotenv = tmp_path / ".env"
+    assert result.exit_code == 0, result.stdout
+    assert "✓ settings: valid; calendar backend google" in lines(result)
+    warning = line_starting(result, f"! env file {dotenv}")
+    assert warning == f"! env file {dotenv}: WORKER_THREAD is not a setting of the connector, so it is ignored"
+    assert fix_after(result, "! env file") == "    fix: did you mean WORKER_THREADS?"
+    assert lines(result)[-1].endswith("checks passed, with 1 warning.")
+
+
 def test_check_makes_only_reads(tmp_path, emulator, service_account_key):
     result = invoke(["check", "--host", JANE], google_env(tmp_path, emulator, service_account_key))
 

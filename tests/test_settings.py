@@ -113,3 +113,69 @@ def test_public_url_trailing_slash_dropped(monkeypatch):
     monkeypatch.setenv("PUBLIC_URL", "https://sync.example.com/")
 
     assert load_settings(_env_file=None).public_url == "https://sync.example.com"
+
+
+def test_dotenv_unknown_keys_reported(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("WORKER_THREADS", raising=False)
+    monkeypatch.delenv("PROXIMITY_WEBHOOK_SECRET", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PROXIMITY_WEBHOOK_SECRETS=abc\nWORKER_THREAD=4\nCOMPOSE_PROJECT_NAME=sync\n")
+
+    settings = load_settings(_env_file=dotenv)
+
+    problems = [str(problem) for problem in settings.env_file_problems]
+    assert problems == [
+        f"{dotenv}: COMPOSE_PROJECT_NAME is not a setting of the connector, so it is ignored; "
+        "`proximity-sync settings` lists every setting",
+        f"{dotenv}: PROXIMITY_WEBHOOK_SECRETS is not a setting of the connector, so it is ignored; "
+        "did you mean PROXIMITY_WEBHOOK_SECRET?",
+        f"{dotenv}: WORKER_THREAD is not a setting of the connector, so it is ignored; did you mean WORKER_THREADS?",
+    ]
+    assert [record.getMessage() for record in caplog.records if record.name == "connector.settings"] == problems
+    assert settings.worker_threads == 12
+    assert settings.webhook_secrets == []
+    assert settings.model_extra == {}
+    assert not any("abc" in problem for problem in problems)
+
+
+def test_environment_unknown_variable_ignored(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("WORKER_THREAD", "4")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKER_THREADS=3\n")
+
+    settings = load_settings(_env_file=dotenv)
+
+    assert settings.worker_threads == 3
+    assert settings.env_file_problems == []
+    assert [record for record in caplog.records if record.name == "connector.settings"] == []
+
+
+def test_dotenv_unparseable_line_names_file(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("LOG_LEVEL", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("export the secret\nLOG_LEVEL=DEBUG\n")
+
+    settings = load_settings(_env_file=dotenv)
+
+    problems = [str(problem) for problem in settings.env_file_problems]
+    assert problems == [
+        f"{dotenv}: the statement starting at line 1 could not be parsed, so it is ignored; "
+        "write it as NAME=value, quote a value with spaces, or start a comment with #",
+    ]
+    assert settings.log_level == "DEBUG"
+    assert [record.getMessage() for record in caplog.records] == problems
+
+
+def test_dotenv_unparseable_line_logged_on_error(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("WORKER_THREADS", raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("not a line\nWORKER_THREADS=many\n")
+
+    with pytest.raises(SettingsError):
+        load_settings(_env_file=dotenv)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        f"{dotenv}: the statement starting at line 1 could not be parsed, so it is ignored; "
+        "write it as NAME=value, quote a value with spaces, or start a comment with #",
+    ]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from connector.calendars.google import GoogleCalendar
     from connector.calendars.google_transport import AuthRequest
 
-MARKS = {"ok": "✓", "failed": "✗", "skipped": "-"}
+MARKS = {"ok": "✓", "failed": "✗", "warning": "!", "skipped": "-"}
 
 # A booking id no event carries: listing its events is one cheap events.list call that only
 # succeeds when the acting user can read the calendar.
@@ -46,7 +46,7 @@ ADMIN_CONSOLE_DELEGATION = "Google Workspace Admin console (Security > API contr
 
 @dataclass
 class CheckResult:
-    """One checked item: its status (ok, failed or skipped), what was found, and what to do."""
+    """One checked item: its status (ok, failed, warning or skipped), what was found, and what to do."""
 
     status: str
     item: str
@@ -66,12 +66,19 @@ class CheckReport:
     def failed(self, item: str, detail: str, fix: str | None) -> None:
         self.results.append(CheckResult("failed", item, detail, fix))
 
+    def warned(self, item: str, detail: str, fix: str | None) -> None:
+        self.results.append(CheckResult("warning", item, detail, fix))
+
     def skipped(self, item: str, detail: str) -> None:
         self.results.append(CheckResult("skipped", item, detail))
 
     @property
     def failures(self) -> int:
         return sum(result.status == "failed" for result in self.results)
+
+    @property
+    def warnings(self) -> int:
+        return sum(result.status == "warning" for result in self.results)
 
 
 @click.command("check")
@@ -99,9 +106,12 @@ def check(hosts: tuple[str, ...], as_json: bool) -> None:
 
 def _summary(report: CheckReport) -> str:
     checked = sum(result.status != "skipped" for result in report.results)
+    warnings = ""
+    if report.warnings:
+        warnings = f", with {report.warnings} warning{'s' if report.warnings > 1 else ''}"
     if report.failures:
-        return f"{report.failures} of {checked} checks failed."
-    return f"All {checked} checks passed."
+        return f"{report.failures} of {checked} checks failed{warnings}."
+    return f"All {checked} checks passed{warnings}."
 
 
 def run_checks(hosts: list[str]) -> CheckReport:
@@ -114,6 +124,8 @@ def run_checks(hosts: list[str]) -> CheckReport:
         report.failed("settings", str(error), "correct the setting named above, in the environment or in .env")
         return report
     report.ok("settings", f"valid; calendar backend {settings.backend_name}")
+    for problem in settings.env_file_problems:
+        report.warned(f"env file {problem.path}", problem.problem, problem.fix)
 
     _check_secret(report, settings)
     mappings = _check_mappings(report, settings)
