@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from connector.db_cli import db
@@ -31,7 +32,7 @@ from connector.retention import describe as describe_prune
 from connector.retention import prune as run_prune
 from connector.settings import Settings, SettingsError, load_settings, split_secrets
 from connector.schema import SchemaError, prepare_schema
-from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine
+from connector.storage import BookingMapping, Delivery, DeliveryState, describe_database_error, make_engine
 
 
 def _settings(*, configure_logs: bool = True) -> Settings:
@@ -56,6 +57,8 @@ def _connector(settings: Settings, with_worker: bool):
         raise click.ClickException(f"GOOGLE_CREDENTIALS_FILE: {error}") from None
     except SchemaError as error:
         raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
 
 
 def _engine(settings: Settings, *, must_exist: bool = False):
@@ -67,6 +70,8 @@ def _engine(settings: Settings, *, must_exist: bool = False):
         prepare_schema(engine)
     except SchemaError as error:
         raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
     return engine
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from connector.logs import configure_logging
 from connector.schema import SchemaError, render_upgrade_sql, schema_status, upgrade_schema
 from connector.settings import Settings, SettingsError, load_settings
-from connector.storage import make_engine
+from connector.storage import describe_database_error, make_engine
 
 
 def _settings() -> Settings:
@@ -43,6 +44,8 @@ def upgrade(as_sql: bool) -> None:
         status = upgrade_schema(engine)
     except SchemaError as error:
         raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
     finally:
         engine.dispose()
 
@@ -55,11 +58,14 @@ def upgrade(as_sql: bool) -> None:
 @db.command()
 def current() -> None:
     """Print the database's schema revision; exit 1 when it is out of date."""
-    engine = make_engine(_settings().database_url, pool_size=1)
+    settings = _settings()
+    engine = make_engine(settings.database_url, pool_size=1)
     try:
         status = schema_status(engine)
     except SchemaError as error:
         raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
     finally:
         engine.dispose()
 

@@ -6,11 +6,14 @@ which SQLModel's datetime columns require and return.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Column, Index, LargeBinary, Table, Text, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Field, SQLModel, create_engine
 
 from connector.sqlite_lock import LockingConnection
@@ -142,6 +145,43 @@ def parse_database_url(database_url: str) -> URL:
     if url.drivername in ("postgres", "postgresql"):
         url = url.set(drivername="postgresql+psycopg")
     return url
+
+
+def explain_database_error(database_url: str, error: DBAPIError) -> tuple[str, str]:
+    """Return what is wrong with the database behind `error`, and what to do, as two phrases.
+
+    Both name the database by its path or by its URL with the password hidden, and the driver's
+    message has any password in the URL masked too.
+    """
+    url = parse_database_url(database_url)
+    location = url.render_as_string(hide_password=True)
+    reason = str(error.orig)
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    if url.get_backend_name() == "sqlite" and url.database and code == sqlite3.SQLITE_NOTADB:
+        path = Path(url.database).resolve()
+        return (
+            f"DATABASE_URL {location} names {path}, which is not a SQLite database",
+            f"point DATABASE_URL at the connector's database, or move {path} away so that the connector creates a new one",
+        )
+    if url.get_backend_name() == "sqlite" and url.database and code == sqlite3.SQLITE_CORRUPT:
+        path = Path(url.database).resolve()
+        return (
+            f"DATABASE_URL {location} names {path}, which is a damaged SQLite database ({reason})",
+            f"restore {path} from a backup, or point DATABASE_URL at another database",
+        )
+    return (
+        f"the database {location} cannot be used: {reason}",
+        "check DATABASE_URL, and that the database server runs and accepts this user",
+    )
+
+
+def describe_database_error(database_url: str, error: DBAPIError) -> str:
+    """Return one sentence saying what is wrong with the database and what to do, with no password."""
+    problem, remedy = explain_database_error(database_url, error)
+    return f"{problem}; {remedy}"
 
 
 def _configure_sqlite(connection, _record) -> None:

@@ -241,6 +241,24 @@ def test_check_reports_unwritable_database_folder(tmp_path, emulator, service_ac
     assert "does not exist or is not writable" in line_starting(result, "✗ database")
 
 
+
+def test_check_reports_non_sqlite_file(tmp_path, emulator, service_account_key):
+    path = (tmp_path / "garbage.db").resolve()
+    path.write_text("garbage\n")
+    env = google_env(tmp_path, emulator, service_account_key, DATABASE_URL=f"sqlite:///{path}")
+
+    result = invoke(["check", "--host", JANE], env)
+
+    assert result.exit_code == 1
+    assert line_starting(result, "✗ database") == (
+        f"✗ database sqlite:///{path}: DATABASE_URL sqlite:///{path} names {path}, which is not a SQLite database"
+    )
+    assert fix_after(result, "✗ database") == (
+        f"    fix: point DATABASE_URL at the connector's database, or move {path} away so that the connector creates a new one"
+    )
+    assert "sqlalche.me" not in result.output
+
+
 def test_check_reports_invalid_database_url(tmp_path, emulator, service_account_key):
     env = google_env(tmp_path, emulator, service_account_key, DATABASE_URL="not a url")
 

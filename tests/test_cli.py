@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.exc import DBAPIError
 
 from connector.cli import main
 from connector.settings import Settings
+from connector.storage import explain_database_error
 from tests.support import SECRET, booking, running_connector, connector_settings
 
 
@@ -82,6 +84,39 @@ def test_database_password_never_echoed(runner):
 
     assert result.exit_code == 1
     assert "hunter2" not in result.output
+
+
+
+@pytest.mark.parametrize("command", [["serve"], ["worker"], ["deliveries"], ["db", "current"], ["db", "upgrade"]])
+def test_non_sqlite_file_is_one_sentence(runner, tmp_path, command):
+    path = (tmp_path / "garbage.db").resolve()
+    path.write_text("garbage\n")
+
+    result = runner.invoke(main, command, env={"DATABASE_URL": f"sqlite:///{path}"})
+
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert error_lines == [
+        f"Error: DATABASE_URL sqlite:///{path} names {path}, which is not a SQLite database; "
+        f"point DATABASE_URL at the connector's database, or move {path} away so that the connector creates a new one"
+    ]
+    assert "Traceback" not in result.output
+    assert "sqlalche.me" not in result.output
+    assert path.read_text() == "garbage\n"
+
+
+def test_database_error_hides_password():
+    url = "postgresql+psycopg://sync:hunter2@127.0.0.1:5432/test"
+    error = DBAPIError("SELECT 1", {}, Exception("authentication with password hunter2 failed"))
+
+    problem, remedy = explain_database_error(url, error)
+
+    assert problem == (
+        "the database postgresql+psycopg://sync:***@127.0.0.1:5432/test cannot be used: "
+        "authentication with password *** failed"
+    )
+    assert "hunter2" not in remedy
 
 
 def test_missing_mappings_dir_named(runner, tmp_path):

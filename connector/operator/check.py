@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 import click
 from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from connector.calendars.base import CalendarError, CalendarNotFoundError, Target, TransientCalendarError
 from connector.mappings import Mappings, MappingsError, load_mappings
 from connector.metrics import MULTIPROCESS_DIR_VARIABLE
 from connector.schema import SchemaError, schema_status
 from connector.settings import Settings, SettingsError, load_settings
-from connector.storage import BookingMapping, Delivery, DeliveryState, make_engine, read_only
+from connector.storage import BookingMapping, Delivery, DeliveryState, explain_database_error, make_engine, read_only
 
 if TYPE_CHECKING:
     from connector.calendars.google import GoogleCalendar
@@ -207,6 +207,9 @@ def _check_database(report: CheckReport, settings: Settings) -> Engine | None:
         status = schema_status(engine)
     except SchemaError as error:
         report.failed(item, str(error), "check DATABASE_URL, and that the database server runs and accepts this user")
+        return None
+    except DBAPIError as error:
+        report.failed(item, *explain_database_error(settings.database_url, error))
         return None
     except Exception as error:
         report.failed(item, f"cannot be opened: {type(error).__name__}: {error}", "check DATABASE_URL")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from connector.logs import configure_logging
 from connector.schema import SchemaError, prepare_schema
 from connector.settings import Settings, SettingsError, load_settings
-from connector.storage import make_engine
+from connector.storage import describe_database_error, make_engine
 
 
 def command_settings() -> Settings:
@@ -34,4 +35,7 @@ def open_database(settings: Settings) -> Engine:
     except SchemaError as error:
         engine.dispose()
         raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        engine.dispose()
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
     return engine
