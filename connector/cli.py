@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 import shutil
 import signal
@@ -33,6 +34,8 @@ from connector.retention import prune as run_prune
 from connector.settings import Settings, SettingsError, load_settings, split_secrets
 from connector.schema import SchemaError, prepare_schema
 from connector.storage import BookingMapping, Delivery, DeliveryState, describe_database_error, make_engine
+
+log = logging.getLogger(__name__)
 
 
 def _settings(*, configure_logs: bool = True) -> Settings:
@@ -146,24 +149,39 @@ def serve(host: str, port: int, no_worker: bool) -> None:
     # so a graceful stop exits 0.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     signal.signal(signal.SIGINT, lambda _signum, _frame: None)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False)
+    # With no log_config, uvicorn adds no handlers of its own: its loggers propagate to the root
+    # handler that configure_logging installed, so its lines follow LOG_FORMAT too.
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False, log_config=None)
 
 
 def _announce(settings: Settings, connector, base_url: str) -> None:
     backend = connector.backend.name
     if backend == "ics" and settings.calendar_backend is None:
-        click.echo("Calendar backend: ics (no GOOGLE_CREDENTIALS_FILE set); events are served as iCalendar feeds.")
+        _say(settings, "Calendar backend: ics (no GOOGLE_CREDENTIALS_FILE set); events are served as iCalendar feeds.")
     else:
-        click.echo(f"Calendar backend: {backend}")
+        _say(settings, f"Calendar backend: {backend}")
     if not settings.webhook_secrets:
-        click.echo("Warning: PROXIMITY_WEBHOOK_SECRET is not set, so every delivery is rejected with 401.")
-    click.echo(f"Webhook URL: {settings.public_url or base_url}/webhooks/proximity")
+        _say(settings, "PROXIMITY_WEBHOOK_SECRET is not set, so every delivery is rejected with 401.", level=logging.WARNING)
+    _say(settings, f"Webhook URL: {settings.public_url or base_url}/webhooks/proximity")
 
     if backend == "ics":
         from connector.calendars.ics import feed_url
 
         for calendar_id, token in connector.backend.feeds():
-            click.echo(f"Feed for {calendar_id}: {feed_url(settings.public_url or base_url, token)}")
+            _say(settings, f"Feed for {calendar_id}: {feed_url(settings.public_url or base_url, token)}")
+
+
+def _say(settings: Settings, message: str, *, level: int = logging.INFO, err: bool = False) -> None:
+    """Print a message of `serve` or `worker`, or log it with LOG_FORMAT=json so that every line is JSON.
+
+    In text format the message goes to standard output (standard error with `err`), and a
+    WARNING gets a `Warning: ` prefix. In JSON format LOG_LEVEL applies to it like to any log line.
+    """
+    if settings.log_format == "json":
+        log.log(level, message)
+        return
+    prefix = "Warning: " if level == logging.WARNING else ""
+    click.echo(prefix + message, err=err)
 
 
 @main.command()
@@ -175,7 +193,7 @@ def worker() -> None:
 
     def request_stop(signum, _frame) -> None:
         name = signal.Signals(signum).name
-        click.echo(f"Received {name}: finishing the calendar calls in flight, then releasing their bookings.", err=True)
+        _say(settings, f"Received {name}: finishing the calendar calls in flight, then releasing their bookings.", err=True)
         stopped.set()
 
     signal.signal(signal.SIGTERM, request_stop)

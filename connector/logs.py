@@ -30,6 +30,10 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), No
     "taskName",
 }
 
+# Extra attributes that JSON lines leave out: uvicorn passes `color_message`, a copy of the
+# message with terminal colour codes, with its own lines.
+_OMITTED_EXTRAS = frozenset({"color_message"})
+
 
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """Send log lines to standard error, as `time level logger: message` or as JSON objects."""
@@ -114,7 +118,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for name, value in record.__dict__.items():
-            if name in _STANDARD_ATTRIBUTES or name.startswith("_"):
+            if name in _STANDARD_ATTRIBUTES or name in _OMITTED_EXTRAS or name.startswith("_"):
                 continue
             entry[name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 

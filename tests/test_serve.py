@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -167,3 +168,63 @@ def test_malformed_mappings_stop_startup(tmp_path):
     assert "routing.toml" in result.stderr
     assert "line 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_until_sigint(tmp_path: Path, **values: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Start `serve` on a free loopback port, stop it with one SIGINT once ready, and return its output."""
+    port = free_port()
+    process = subprocess.Popen(
+        [EXECUTABLE, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=connector_env(tmp_path, **values), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), port
+
+
+def test_serve_json_logs_every_line(tmp_path):
+    result, port = run_until_sigint(tmp_path, LOG_FORMAT="json")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line: {line!r}")
+    messages = [record["message"] for record in records]
+    uvicorn_messages = [record["message"] for record in records if record["logger"].startswith("uvicorn")]
+    assert messages.count(f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)") == 1
+    assert messages.count("Application startup complete.") == 1
+    assert messages.count("Shutting down") == 1
+    assert len([message for message in messages if message.startswith("Finished server process")]) == 1
+    assert len(uvicorn_messages) == len(set(uvicorn_messages))
+    assert messages.count(f"Webhook URL: http://127.0.0.1:{port}/webhooks/proximity") == 1
+    assert all("color_message" not in record for record in records)
+
+
+def test_serve_text_logs_uvicorn_lines(tmp_path):
+    result, port = run_until_sigint(tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    running = [line for line in result.stderr.splitlines() if "Uvicorn running on" in line]
+    assert len(running) == 1
+    assert running[0].endswith(f" INFO uvicorn.error: Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)")
+    finished = [line for line in result.stderr.splitlines() if "Finished server process" in line]
+    assert len(finished) == 1
+    assert " INFO uvicorn.error: Finished server process [" in finished[0]
+    assert f"Webhook URL: http://127.0.0.1:{port}/webhooks/proximity" in result.stdout.splitlines()
