@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
 import shutil
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -141,7 +143,14 @@ def serve(host: str, port: int, no_worker: bool) -> None:
 
     settings = _settings()
     connector = _connector(settings, with_worker=not no_worker)
-    _announce(settings, connector, f"http://{host}:{port}")
+    try:
+        listener = _listen(host, port)
+    except click.ClickException:
+        connector.close()
+        raise
+    port = listener.getsockname()[1]
+    base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    _announce(settings, connector, base_url)
     app = build_web_app(connector)
 
     # uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the
@@ -151,7 +160,40 @@ def serve(host: str, port: int, no_worker: bool) -> None:
     signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     # With no log_config, uvicorn adds no handlers of its own: its loggers propagate to the root
     # handler that configure_logging installed, so its lines follow LOG_FORMAT too.
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    config = uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    server = uvicorn.Server(config)
+    # uvicorn logs no start line for a socket passed in, so this line takes the place of its own.
+    log.info("Listening on %s (press Ctrl+C to stop)", base_url)
+    server.run(sockets=[listener])
+    if not server.started:
+        raise click.ClickException("the web server stopped before it started serving; the log lines above say why")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on `host`:`port` before the worker starts, or raise a ClickException naming them.
+
+    The options match uvicorn's own binding (`Config.bind_socket` in uvicorn 0.55): SO_REUSEADDR,
+    and IPv6 when the host contains a colon. Listening at once claims the port, and uvicorn sets
+    its own backlog when it starts serving.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen()
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"cannot listen on {address} because another process already uses that address; "
+                "stop that process, or choose another port with --port"
+            ) from None
+        raise click.ClickException(
+            f"cannot listen on {address}: {error.strerror or error}; choose another address with --host or port with --port"
+        ) from None
+    return listener
 
 
 def _announce(settings: Settings, connector, base_url: str) -> None:

@@ -156,6 +156,7 @@ class SyncWorker:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking work, let the bookings in flight finish or give up, and release every lease."""
+        started = self._dispatcher.ident is not None
         self._stop.set()
         self._wake.set()
         if self.housekeeping is not None:
@@ -164,7 +165,8 @@ class SyncWorker:
             self._dispatcher.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._release_unstarted()
-        log.info("sync worker %s stopped", self.owner)
+        if started:
+            log.info("sync worker %s stopped", self.owner)
 
     def in_flight(self) -> int:
         """Return how many bookings are being synced right now."""

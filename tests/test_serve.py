@@ -208,7 +208,8 @@ def test_serve_json_logs_every_line(tmp_path):
             pytest.fail(f"not a JSON line: {line!r}")
     messages = [record["message"] for record in records]
     uvicorn_messages = [record["message"] for record in records if record["logger"].startswith("uvicorn")]
-    assert messages.count(f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)") == 1
+    assert messages.count(f"Listening on http://127.0.0.1:{port} (press Ctrl+C to stop)") == 1
+    assert len([message for message in messages if message.startswith("Started server process")]) == 1
     assert messages.count("Application startup complete.") == 1
     assert messages.count("Shutting down") == 1
     assert len([message for message in messages if message.startswith("Finished server process")]) == 1
@@ -221,10 +222,37 @@ def test_serve_text_logs_uvicorn_lines(tmp_path):
     result, port = run_until_sigint(tmp_path)
 
     assert result.returncode == 0, result.stderr
-    running = [line for line in result.stderr.splitlines() if "Uvicorn running on" in line]
-    assert len(running) == 1
-    assert running[0].endswith(f" INFO uvicorn.error: Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)")
+    started = [line for line in result.stderr.splitlines() if "Started server process" in line]
+    assert len(started) == 1
+    assert " INFO uvicorn.error: Started server process [" in started[0]
+    listening = [line for line in result.stderr.splitlines() if "Listening on" in line]
+    assert len(listening) == 1
+    assert listening[0].endswith(f" INFO connector.cli: Listening on http://127.0.0.1:{port} (press Ctrl+C to stop)")
     finished = [line for line in result.stderr.splitlines() if "Finished server process" in line]
     assert len(finished) == 1
     assert " INFO uvicorn.error: Finished server process [" in finished[0]
     assert f"Webhook URL: http://127.0.0.1:{port}/webhooks/proximity" in result.stdout.splitlines()
+
+
+def test_serve_port_in_use_stops_at_once(tmp_path):
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        began = time.monotonic()
+        result = subprocess.run(
+            [EXECUTABLE, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path, env=connector_env(tmp_path), capture_output=True, text=True, timeout=30,
+        )
+        elapsed = time.monotonic() - began
+
+    assert result.returncode == 1
+    assert elapsed < 15
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port} because another process already uses that address; "
+        "stop that process, or choose another port with --port"
+    )
+    assert "Traceback" not in result.stderr
+    assert "Errno" not in result.stderr
+    assert "sync worker" not in result.stderr
+    assert "Webhook URL" not in result.stdout
