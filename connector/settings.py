@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest accepted webhook body, in bytes.")
     public_url: str | None = Field(
         default=None,
-        description="Base URL the connector is reached at, used to print iCalendar feed URLs.",
+        description="Base URL the connector is reached at, used to print feed and webhook URLs and as the default target of send-test.",
     )
     # With 8 threads, project slots went unused while a backlog of new bookings was synced (159.9
     # against 166.0 changes/s with 12), measured before the dispatcher learned a new booking's host

@@ -151,3 +151,33 @@ def test_send_test_rejects_bad_booking_file(env, tmp_path, content, problem):
 
     assert result.exit_code == 2
     assert problem in result.stderr
+
+
+def test_send_test_defaults_to_public_url(served, env, emulator):
+    result = invoke(["send-test", "--timeout", "20", "--wait"], {**env, "PUBLIC_URL": served.base_url})
+
+    assert result.exit_code == 0, result.output
+    sent_line = result.stdout.splitlines()[0]
+    assert sent_line.startswith("Sent booking.created for booking bkg_xyz789 as delivery test_")
+    assert sent_line.endswith(f" to {served.base_url}/webhooks/proximity")
+    assert "Response: 200 OK: accepted" in result.stdout
+    assert [event["id"] for event in emulator.events(JANE)] == [event_id_for("bkg_xyz789", 0)]
+
+
+def test_send_test_url_overrides_public_url(served, env):
+    unused = f"http://127.0.0.1:{free_port()}"
+
+    result = invoke(["send-test", "--url", served.webhook_url, "--timeout", "20"], {**env, "PUBLIC_URL": unused})
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith(f" to {served.webhook_url}")
+    assert unused not in result.output
+
+
+def test_send_test_help_names_public_url(env):
+    result = invoke(["send-test", "--help"], env)
+
+    assert result.exit_code == 0
+    help_text = " ".join(result.stdout.split())
+    assert "Default: PUBLIC_URL followed by /webhooks/proximity when PUBLIC_URL is set" in help_text
+    assert "else http://127.0.0.1:8000/webhooks/proximity" in help_text

@@ -26,11 +26,13 @@ from connector.calendars.base import CalendarBackend, CalendarError, Target
 from connector.envelope import BOOKING_EVENTS
 from connector.operator.common import command_settings, open_database
 from connector.queue import format_attempts
+from connector.receiver import WEBHOOK_PATH
 from connector.settings import Settings
 from connector.signatures import sign
 from connector.storage import BookingMapping, Delivery, DeliveryState
 
-DEFAULT_URL = "http://127.0.0.1:8000/webhooks/proximity"
+# The webhook URL of `proximity-sync serve` on its default host and port, used when PUBLIC_URL is not set.
+DEFAULT_URL = f"http://127.0.0.1:8000{WEBHOOK_PATH}"
 
 # Seconds between two reads of the database while waiting for the worker.
 POLL_SECONDS = 0.2
@@ -69,7 +71,10 @@ SAMPLE_LENGTH = timedelta(minutes=30)
 
 
 @click.command("send-test")
-@click.option("--url", default=DEFAULT_URL, show_default=True, help="Webhook URL of the running connector.")
+@click.option(
+    "--url",
+    help=f"Webhook URL of the running connector. Default: PUBLIC_URL followed by {WEBHOOK_PATH} when PUBLIC_URL is set, else {DEFAULT_URL}.",
+)
 @click.option(
     "--event",
     "event_name",
@@ -86,7 +91,7 @@ SAMPLE_LENGTH = timedelta(minutes=30)
 @click.option("--wait", is_flag=True, help="Wait until the worker has applied the delivery, and print the calendar event.")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for the response, and with --wait for the worker.")
 def send_test(
-    url: str,
+    url: str | None,
     event_name: str | None,
     booking_file: Path | None,
     host_email: str | None,
@@ -96,9 +101,12 @@ def send_test(
     """Send a correctly signed sample delivery to a running connector and print the response.
 
     The sample booking keeps its id, so sending `--event booking.cancelled` afterwards removes
-    the test event again.
+    the test event again. Without --url it sends to the webhook path under PUBLIC_URL when that
+    is set, and to port 8000 on 127.0.0.1 otherwise. Pass --url when `serve` runs elsewhere.
     """
     settings = command_settings()
+    if url is None:
+        url = f"{settings.public_url}{WEBHOOK_PATH}" if settings.public_url else DEFAULT_URL
     if not settings.webhook_secrets:
         raise click.ClickException(
             "PROXIMITY_WEBHOOK_SECRET is empty: set it to the connector's secret, which signs the test delivery"
