@@ -1,8 +1,8 @@
 """The baseline server: a Starlette endpoint that reads the body and responds 200, nothing else.
 
-It runs under `uvicorn.run` with the same arguments as `proximity-sync serve` (connector/cli.py),
-so the difference in throughput is the connector's own work: HMAC check, envelope parsing and
-the durable insert.
+It is served as `proximity-sync serve` serves the connector (connector/cli.py): on a socket bound
+by `listen_socket`, by a `uvicorn.Server` with the same options. So the difference in throughput
+is the connector's own work: HMAC check, envelope parsing and the durable insert.
 
     python -m bench.bare_app --port 8001
 """
@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from bench.payloads import WEBHOOK_PATH
+from connector.cli import listen_socket
 
 
 async def receive(request: Request) -> Response:
@@ -39,8 +40,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     arguments = parser.parse_args()
 
-    # The same call as `proximity-sync serve` makes at its default LOG_LEVEL=INFO.
-    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="info", access_log=False)
+    # The same calls as `proximity-sync serve` makes at its default LOG_LEVEL=INFO.
+    listener = listen_socket(arguments.host, arguments.port)
+    config = uvicorn.Config(app, log_level="info", access_log=False, log_config=None)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 if __name__ == "__main__":

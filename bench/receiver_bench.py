@@ -43,7 +43,7 @@ def run_receiver(workdir: Path, options: ReceiverOptions, emulator: RecordingEmu
         "Receiver throughput and acknowledgement latency",
         f"{CONNECTIONS} connections, {options.seconds:g} s per server and run after a {WARMUP_SECONDS:g} s "
         "warm-up, new-booking deliveries of about 2.2 kB with non-ASCII text, each with a unique delivery id "
-        "and body. The bare endpoint runs under the same `uvicorn.run` call as `serve`. The targets apply to "
+        "and body. The bare endpoint is served by the same uvicorn calls as `serve`. The targets apply to "
         f"`{RECEIVER}`; `{WITH_WORKER}` also syncs the new bookings to the emulator (20 ms latency) meanwhile.",
     )
     measured_file = workdir / "receiver-requests.tsv"

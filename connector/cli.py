@@ -144,7 +144,7 @@ def serve(host: str, port: int, no_worker: bool) -> None:
     settings = _settings()
     connector = _connector(settings, with_worker=not no_worker)
     try:
-        listener = _listen(host, port)
+        listener = listen_socket(host, port)
     except click.ClickException:
         connector.close()
         raise
@@ -169,7 +169,7 @@ def serve(host: str, port: int, no_worker: bool) -> None:
         raise click.ClickException("the web server stopped before it started serving; the log lines above say why")
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     """Bind and listen on `host`:`port` before the worker starts, or raise a ClickException naming them.
 
     The options match uvicorn's own binding (`Config.bind_socket` in uvicorn 0.55): SO_REUSEADDR,
