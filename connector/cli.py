@@ -113,6 +113,8 @@ def list_settings() -> None:
         value = _shown_setting(name, getattr(settings, name))
         default = _shown_setting(name, field.default)
         origin = "default" if value == default else f"default {default}"
+        if name == "calendar_backend" and not settings.calendar_backend:
+            value = f"not set, so {settings.backend_name} is used"
         click.echo(f"{name.upper()}: {value} ({origin})")
         click.echo(f"    {field.description}")
 

@@ -157,6 +157,16 @@ def test_settings_shows_values_in_use(runner, tmp_path):
     assert "hunter2" not in result.output
 
 
+def test_settings_names_backend_in_use(runner):
+    unset = runner.invoke(main, ["settings"])
+    chosen = runner.invoke(main, ["settings"], env={"CALENDAR_BACKEND": "ics"})
+
+    assert unset.exit_code == 0
+    assert "CALENDAR_BACKEND: not set, so ics is used (default)" in unset.output
+    assert chosen.exit_code == 0
+    assert "CALENDAR_BACKEND: ics (default not set)" in chosen.output
+
+
 def test_settings_names_invalid_setting(runner):
     result = runner.invoke(main, ["settings"], env={"WORKER_THREADS": "many"})
 
