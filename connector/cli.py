@@ -23,9 +23,9 @@ from sqlmodel import Session
 from connector.db_cli import db
 from connector.envelope import parse_timestamp
 from connector.logs import configure_logging
-from connector.mappings import MappingsError
 from connector.notify import notify_new_deliveries
 from connector.operator.check import check
+from connector.operator.common import build_command_connector
 from connector.operator.progress import is_terminal, progress
 from connector.operator.reconcile import reconcile
 from connector.operator.send_test import send_test
@@ -48,22 +48,6 @@ def _settings(*, configure_logs: bool = True) -> Settings:
     if configure_logs:
         configure_logging(settings.log_level, settings.log_format)
     return settings
-
-
-def _connector(settings: Settings, with_worker: bool):
-    from connector.app import build_connector
-    from connector.calendars.google_auth import CredentialsFileError
-
-    try:
-        return build_connector(settings, with_worker=with_worker)
-    except MappingsError as error:
-        raise click.ClickException(f"invalid mappings file: {error}") from None
-    except CredentialsFileError as error:
-        raise click.ClickException(f"GOOGLE_CREDENTIALS_FILE: {error}") from None
-    except SchemaError as error:
-        raise click.ClickException(str(error)) from None
-    except DBAPIError as error:
-        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
 
 
 def _engine(settings: Settings, *, must_exist: bool = False):
@@ -135,7 +119,7 @@ def _shown_setting(name: str, value: Any) -> str:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port to listen on (0: any free port).")
 @click.option("--no-worker", is_flag=True, help="Only receive deliveries; separate `worker` processes sync them.")
 def serve(host: str, port: int, no_worker: bool) -> None:
     """Run the webhook receiver, and the sync worker in the same process unless --no-worker is given."""
@@ -144,7 +128,7 @@ def serve(host: str, port: int, no_worker: bool) -> None:
     from connector.app import build_web_app
 
     settings = _settings()
-    connector = _connector(settings, with_worker=not no_worker)
+    connector = build_command_connector(settings, with_worker=not no_worker)
     try:
         listener = listen_socket(host, port)
     except click.ClickException:
@@ -232,7 +216,7 @@ def _say(settings: Settings, message: str, *, level: int = logging.INFO, err: bo
 def worker() -> None:
     """Run the sync worker alone, for deployments that run receivers separately."""
     settings = _settings()
-    connector = _connector(settings, with_worker=True)
+    connector = build_command_connector(settings, with_worker=True)
     stopped = threading.Event()
 
     def request_stop(signum, _frame) -> None:

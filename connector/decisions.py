@@ -67,10 +67,8 @@ def decide_presence(event: str, status: object) -> BookingDecision:
     if status_text in MARKER_STATUSES:
         return BookingDecision(Presence.CONFIRMED, marker=MARKER_STATUSES[status_text])
 
-    return BookingDecision(
-        Presence.CONFIRMED,
-        warning=f"unknown booking status {status!r}; the event is kept as confirmed",
-    )
+    problem = "booking has no status" if status is None else f"unknown booking status {status!r}"
+    return BookingDecision(Presence.CONFIRMED, warning=f"{problem}; the event is kept as confirmed")
 
 
 def event_id_for(booking_id: str, generation: int) -> str:

@@ -381,11 +381,12 @@ class BookingSync:
             predecessor = (predecessor_id, load_current(self.engine, predecessor_id))
 
         decision = decide_presence(snapshot.event, snapshot.status)
-        if decision.warning:
-            log.warning("booking %s delivery %s: %s", snapshot.booking_id, snapshot.delivery_id, decision.warning)
-
         desired = self._desired(snapshot, decision) if _needs_event(decision, current, snapshot) else Desired(None, None)
         plan = plan_change(current, snapshot.version, snapshot.rank, desired, predecessor)
+
+        # A stale snapshot changes nothing, so its status does not matter either.
+        if decision.warning and plan.action is not Action.STALE:
+            log.warning("booking %s delivery %s: %s", snapshot.booking_id, snapshot.delivery_id, decision.warning)
         return self._execute(plan, snapshot, desired, predecessor_id)
 
     def _desired(self, snapshot: Snapshot, decision: BookingDecision) -> Desired:

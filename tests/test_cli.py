@@ -86,8 +86,17 @@ def test_database_password_never_echoed(runner):
     assert "hunter2" not in result.output
 
 
+def test_serve_port_out_of_range_is_usage_error(runner):
+    result = runner.invoke(main, ["serve", "--port", "80000"])
 
-@pytest.mark.parametrize("command", [["serve"], ["worker"], ["deliveries"], ["db", "current"], ["db", "upgrade"]])
+    assert result.exit_code == 2
+    assert "Invalid value for '--port': 80000 is not in the range 0<=x<=65535." in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command", [["serve"], ["worker"], ["deliveries"], ["db", "current"], ["db", "upgrade"], ["reconcile"]]
+)
 def test_non_sqlite_file_is_one_sentence(runner, tmp_path, command):
     path = (tmp_path / "garbage.db").resolve()
     path.write_text("garbage\n")

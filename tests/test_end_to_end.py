@@ -466,3 +466,23 @@ def test_database_failure_answers_503(ics_connector):
     assert retried.json()["status"] == "accepted"
     states = {row["booking_id"]: row["state"] for row in ics_connector.deliveries()}
     assert states == {"bkg_before": "applied", "bkg_during": "applied"}
+
+
+def test_missing_status_warned_only_when_applied(mirror, caplog):
+    caplog.set_level(logging.WARNING, logger="connector.sync")
+    without_status = {key: value for key, value in booking().items() if key != "status"}
+
+    mirror.deliver("booking.created", booking(), "2026-03-16T14:06:00Z")
+    mirror.wait_idle()
+    mirror.deliver("booking.created", without_status, "2026-03-16T14:05:00Z")  # older: stale
+    mirror.wait_idle()
+    stale_warnings = [record.getMessage() for record in caplog.records if "status" in record.getMessage()]
+    mirror.deliver("booking.created", without_status, "2026-03-16T14:07:00Z")  # newer: applied
+    mirror.wait_idle()
+    warnings = [record.getMessage() for record in caplog.records if "status" in record.getMessage()]
+
+    assert stale_warnings == []
+    assert len(warnings) == 1
+    assert warnings[0].endswith(": booking has no status; the event is kept as confirmed")
+    assert warnings[0].startswith("booking bkg_xyz789 delivery ")
+    assert [event["status"] for event in mirror.events(JANE)] == ["confirmed"]

@@ -27,6 +27,24 @@ def command_settings() -> Settings:
     return settings
 
 
+def build_command_connector(settings: Settings, with_worker: bool):
+    """Build the connector for a command, or stop the command with one sentence naming what is wrong."""
+    from connector.app import build_connector
+    from connector.calendars.google_auth import CredentialsFileError
+    from connector.mappings import MappingsError
+
+    try:
+        return build_connector(settings, with_worker=with_worker)
+    except MappingsError as error:
+        raise click.ClickException(f"invalid mappings file: {error}") from None
+    except CredentialsFileError as error:
+        raise click.ClickException(f"GOOGLE_CREDENTIALS_FILE: {error}") from None
+    except SchemaError as error:
+        raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
+
+
 def open_database(settings: Settings) -> Engine:
     """Open the connector's database with its schema ready, or stop the command with the reason."""
     engine = make_engine(settings.database_url, pool_size=2)

@@ -14,7 +14,6 @@ import sys
 from collections import Counter
 from dataclasses import asdict
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy import update
@@ -24,16 +23,12 @@ from sqlmodel import Session
 from connector.calendars.base import CalendarBackend, CalendarError, RemoteEvent, Target
 from connector.decisions import MappingState, digest_fields
 from connector.envelope import parse_timestamp
-from connector.operator.common import command_settings
+from connector.operator.common import build_command_connector, command_settings
 from connector.operator.drift import CalendarScan, Drift, DriftFinder, DriftKind
 from connector.operator.progress import progress
 from connector.queue import acquire_lease, release_lease
-from connector.settings import Settings
 from connector.storage import BookingMapping, Delivery, DeliveryState, utcnow
 from connector.sync import BookingSync
-
-if TYPE_CHECKING:
-    from connector.app import Connector
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +50,7 @@ def reconcile(host: str | None, since: str | None, fix: bool, as_json: bool) -> 
         raise click.BadParameter(f"{host!r} is not an email address", param_hint="--host")
 
     settings = command_settings()
-    connector = _build_connector(settings, with_worker=fix)
+    connector = build_command_connector(settings, with_worker=fix)
     try:
         finder = DriftFinder(connector.engine, connector.backend, connector.mappings, host=host, since=since_time)
         scans, drift, compared = _find_drift(finder, show_progress=not as_json)
@@ -81,22 +76,6 @@ def _parse_since(since: str | None) -> datetime | None:
     if moment is None:
         raise click.BadParameter(f"{since!r} is not an ISO 8601 date or time, such as 2026-03-01", param_hint="--since")
     return moment
-
-
-def _build_connector(settings: Settings, with_worker: bool) -> Connector:
-    from connector.app import build_connector
-    from connector.calendars.google_auth import CredentialsFileError
-    from connector.mappings import MappingsError
-    from connector.schema import SchemaError
-
-    try:
-        return build_connector(settings, with_worker=with_worker)
-    except MappingsError as error:
-        raise click.ClickException(f"invalid mappings file: {error}") from None
-    except CredentialsFileError as error:
-        raise click.ClickException(f"GOOGLE_CREDENTIALS_FILE: {error}") from None
-    except SchemaError as error:
-        raise click.ClickException(str(error)) from None
 
 
 def _find_drift(finder: DriftFinder, show_progress: bool) -> tuple[list[CalendarScan], list[Drift], int]:
