@@ -1,7 +1,8 @@
 """Health and monitoring endpoints.
 
 `/healthz` responds while the process runs. `/readyz` responds with 200 only while the process can
-do its work: the database is reachable, and the worker makes progress on the queue. `/metrics`
+do its work: the database is reachable, the receiver's writes finish, and the worker makes
+progress on the queue. `/metrics`
 serves the Prometheus exposition.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import TYPE_CHECKING
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, text
@@ -19,6 +21,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from connector.metrics import render_metrics
+
+if TYPE_CHECKING:
+    from connector.intake import DeliveryIntake
 from connector.storage import Delivery, DeliveryState, read_only, utcnow
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,23 @@ def watch_worker_progress(engine: Engine, stall_seconds: float) -> None:
     _stall_limits[engine] = stall_seconds
 
 
-def health_routes(engine: Engine) -> list[BaseRoute]:
-    """Return the `/healthz`, `/readyz` and `/metrics` routes."""
+def health_routes(engine: Engine, intake: DeliveryIntake | None = None) -> list[BaseRoute]:
+    """Return the `/healthz`, `/readyz` and `/metrics` routes; `/readyz` also watches `intake`, if given."""
 
     async def healthz(_request: Request) -> Response:
         return PlainTextResponse("ok")
 
     async def readyz(_request: Request) -> Response:
+        # In WAL mode SQLite still answers reads while another process holds the write lock, so
+        # the ping below would pass while every delivery gets a 503 response.
+        if intake is not None and intake.write_seconds() > intake.ack_timeout:
+            stuck = (
+                f"deliveries are not being stored: the receiver's database write has run for "
+                f"{intake.write_seconds():.1f} s, and each delivery gets a 503 response after {intake.ack_timeout:g} s"
+            )
+            log.warning("readiness check failed: %s", stuck)
+            return PlainTextResponse(stuck, status_code=503)
+
         try:
             await run_in_threadpool(_ping, engine)
         except Exception as error:

@@ -19,6 +19,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class DeliveryIntake:
         self._engine = engine
         self._on_commit = on_commit
         self._ack_timeout = ACK_TIMEOUT_SECONDS if ack_timeout is None else ack_timeout
+        self._write_started: float | None = None  # time.monotonic() when the write in progress began
         self._queue: queue.SimpleQueue[Handover | None] = queue.SimpleQueue()
         self._gathering: dict[asyncio.AbstractEventLoop, Batch] = {}
         self._closed = False
@@ -126,6 +128,16 @@ class DeliveryIntake:
         if len(gathering) == 1:
             loop.call_soon(self._hand_over, loop)
         return await waiter
+
+    @property
+    def ack_timeout(self) -> float:
+        """Seconds a request waits for its delivery's commit before it gets a 503 response."""
+        return self._ack_timeout
+
+    def write_seconds(self) -> float:
+        """Return how long the write in progress has run, or 0 while the writer thread waits for deliveries."""
+        started = self._write_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def store_blocking(self, record: DeliveryRecord) -> bool:
         """Store a delivery from a thread; return False if it was already stored."""
@@ -169,10 +181,12 @@ class DeliveryIntake:
                     break
                 _add_handover(more, batch, timers)
 
+            self._write_started = time.monotonic()
             if self._sqlite is not None:
                 self._write_sqlite(batch, timers)
             else:
                 self._write(batch, timers)
+            self._write_started = None
             if stopping:
                 return
 

@@ -228,7 +228,7 @@ def create_app(
 ) -> ConnectorApp:
     """Build the ASGI application: the receiver, health checks and `extra_routes`, with `lifespan`."""
     routes: list[BaseRoute] = [Route(WEBHOOK_PATH, receiver, methods=["POST"])]
-    routes += health_routes(engine)
+    routes += health_routes(engine, receiver.intake)
     routes += list(extra_routes)
     starlette = Starlette(routes=routes, lifespan=_with_frozen_startup_objects(lifespan))
     return ConnectorApp(receiver, starlette)

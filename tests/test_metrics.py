@@ -227,14 +227,20 @@ def test_webhook_answers_503_while_database_locked(tmp_path, monkeypatch):
         other.execute("BEGIN IMMEDIATE")
         try:
             locked = _within(5.0, lambda: client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers))
+            not_ready = _within(5.0, lambda: client.get("/readyz"))
         finally:
             other.execute("ROLLBACK")
             other.close()
         retried = client.post("/webhooks/proximity", content=delivery.body, headers=delivery.headers)
+        ready = client.get("/readyz")
         after = scrape(client)
 
     assert locked.status_code == 503
     assert locked.json() == {"error": "storage unavailable, retry later"}
+    assert not_ready.status_code == 503
+    assert not_ready.text.startswith("deliveries are not being stored: the receiver's database write has run for ")
+    assert not_ready.text.endswith(" s, and each delivery gets a 503 response after 0.3 s")
+    assert ready.status_code == 200
     assert retried.status_code == 200
     assert retried.json()["status"] == "duplicate"  # the first attempt was committed once the lock was gone
     assert delta(before, after, "proximity_deliveries_received_total", outcome="unavailable") == 1
