@@ -171,10 +171,12 @@ def split_secrets(text: str) -> list[str]:
     return [secret.strip() for secret in text.split(",") if secret.strip()]
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(*, log_env_file_problems: bool = True, **overrides: object) -> Settings:
     """Read the settings, turning validation errors into one sentence per bad setting.
 
-    Logs a warning for each ignored line of the .env file, which `Settings.env_file_problems` also returns.
+    Logs a warning for each ignored line of the .env file, which `Settings.env_file_problems` also
+    returns. A caller that reports those problems itself passes `log_env_file_problems=False`; they
+    are still logged when a setting is invalid, because no `Settings` then carries them.
     """
     env_file = _env_file_path(overrides.get("_env_file", ENV_FILE))
     with _unparseable_env_lines(env_file) as problems:
@@ -186,7 +188,8 @@ def load_settings(**overrides: object) -> Settings:
 
     problems += _unknown_env_keys(env_file, settings, overrides)
     settings._env_file_problems = problems
-    _log_env_file_problems(problems)
+    if log_env_file_problems:
+        _log_env_file_problems(problems)
 
     if settings.backend_name == "google" and not settings.google_credentials_file:
         raise SettingsError(

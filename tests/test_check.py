@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,12 @@ def test_check_passes_for_working_setup(tmp_path, emulator, service_account_key)
     assert lines(result)[-1].startswith("All ")
 
 
-def test_check_warns_of_unknown_dotenv_key(tmp_path, emulator, service_account_key):
+def test_check_warns_of_unknown_dotenv_key(tmp_path, emulator, service_account_key, caplog):
+    env = google_env(tmp_path, emulator, service_account_key)
     (tmp_path / ".env").write_text("WORKER_THREAD=4\n")
 
-    result = invoke(["check", "--host", JANE], google_env(tmp_path, emulator, service_account_key))
+    with caplog.at_level(logging.WARNING, logger="connector.settings"):
+        result = invoke(["check", "--host", JANE], env)
 
     dotenv = tmp_path / ".env"
     assert result.exit_code == 0, result.stdout
@@ -83,6 +86,7 @@ def test_check_warns_of_unknown_dotenv_key(tmp_path, emulator, service_account_k
     assert warning == f"! env file {dotenv}: WORKER_THREAD is not a setting of the connector, so it is ignored"
     assert fix_after(result, "! env file") == "    fix: did you mean WORKER_THREADS?"
     assert lines(result)[-1].endswith("checks passed, with 1 warning.")
+    assert [record.getMessage() for record in caplog.records if record.name == "connector.settings"] == []
 
 
 def test_check_makes_only_reads(tmp_path, emulator, service_account_key):

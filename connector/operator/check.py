@@ -119,7 +119,7 @@ def run_checks(hosts: list[str]) -> CheckReport:
     report = CheckReport()
 
     try:
-        settings = load_settings()
+        settings = load_settings(log_env_file_problems=False)  # the report lists them below
     except SettingsError as error:
         report.failed("settings", str(error), "correct the setting named above, in the environment or in .env")
         return report
