@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 from sqlalchemy import and_, or_, select
-from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from connector.db_cli import db
@@ -25,7 +24,7 @@ from connector.envelope import parse_timestamp
 from connector.logs import configure_logging
 from connector.notify import notify_new_deliveries
 from connector.operator.check import check
-from connector.operator.common import build_command_connector
+from connector.operator.common import build_command_connector, open_database
 from connector.operator.progress import is_terminal, progress
 from connector.operator.reconcile import reconcile
 from connector.operator.send_test import send_test
@@ -34,8 +33,7 @@ from connector.retention import RetentionPolicy
 from connector.retention import describe as describe_prune
 from connector.retention import prune as run_prune
 from connector.settings import Settings, SettingsError, load_settings, split_secrets
-from connector.schema import SchemaError, prepare_schema
-from connector.storage import BookingMapping, Delivery, DeliveryState, describe_database_error, make_engine
+from connector.storage import BookingMapping, Delivery, DeliveryState
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +52,7 @@ def _engine(settings: Settings, *, must_exist: bool = False):
     """Open the database; with `must_exist`, refuse to create a new SQLite file for a read-only command."""
     if must_exist:
         _require_existing_sqlite_file(settings.database_url)
-    engine = make_engine(settings.database_url, pool_size=2)
-    try:
-        prepare_schema(engine)
-    except SchemaError as error:
-        raise click.ClickException(str(error)) from None
-    except DBAPIError as error:
-        raise click.ClickException(describe_database_error(settings.database_url, error)) from None
-    return engine
+    return open_database(settings)
 
 
 def _require_existing_sqlite_file(database_url: str) -> None:

@@ -76,13 +76,13 @@ def parse_envelope(body: bytes, header_event: str | None = None, *, exact_number
     document = _load_json(body) if exact_numbers else _load_json_fast(body)
 
     if not isinstance(document, dict):
-        raise EnvelopeError(f"body must be a JSON object, not {json_type_name(document)}")
+        raise EnvelopeError(f"body must be a JSON object, not {_json_type_name(document)}")
 
     event = document.get("event")
     if event is None:
         raise EnvelopeError("envelope has no event name")
     if not isinstance(event, str):
-        raise EnvelopeError(f"envelope event name must be a string, not {json_type_name(event)}")
+        raise EnvelopeError(f"envelope event name must be a string, not {_json_type_name(event)}")
     if not event:
         raise EnvelopeError("envelope event name is empty")
     if len(event) > MAX_EVENT_LENGTH or not event.isprintable():
@@ -94,7 +94,7 @@ def parse_envelope(body: bytes, header_event: str | None = None, *, exact_number
     if created_at is None:
         raise EnvelopeError("envelope has no createdAt")
     if not isinstance(created_at, str):
-        raise EnvelopeError(f"envelope createdAt must be a string, not {json_type_name(created_at)}")
+        raise EnvelopeError(f"envelope createdAt must be a string, not {_json_type_name(created_at)}")
     version = normalize_timestamp(created_at)
     if version is None:
         raise EnvelopeError(f"envelope createdAt {created_at!r} is not an ISO 8601 time")
@@ -103,7 +103,7 @@ def parse_envelope(body: bytes, header_event: str | None = None, *, exact_number
     if payload is None:
         raise EnvelopeError("envelope has no payload")
     if not isinstance(payload, dict):
-        raise EnvelopeError(f"envelope payload must be a JSON object, not {json_type_name(payload)}")
+        raise EnvelopeError(f"envelope payload must be a JSON object, not {_json_type_name(payload)}")
 
     booking_id = _check_booking_id(event, payload.get("id"))
     return Envelope(event=event, version=version, payload=payload, booking_id=booking_id)
@@ -115,7 +115,7 @@ def _check_booking_id(event: str, value: Any) -> str | None:
         if value is None:
             raise EnvelopeError(f"{event} payload has no booking id")
         if not isinstance(value, str):
-            raise EnvelopeError(f"{event} payload id must be a string, not {json_type_name(value)}")
+            raise EnvelopeError(f"{event} payload id must be a string, not {_json_type_name(value)}")
         if not value.strip():
             raise EnvelopeError(f"{event} payload id is empty")
     if not isinstance(value, str) or not value.strip():
@@ -125,7 +125,7 @@ def _check_booking_id(event: str, value: Any) -> str | None:
     return value
 
 
-def json_type_name(value: Any) -> str:
+def _json_type_name(value: Any) -> str:
     """Return the JSON name of a parsed value's type, with its article, such as "a number" or "null"."""
     if value is None:
         return "null"
