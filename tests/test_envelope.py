@@ -402,7 +402,7 @@ def test_parse_out_of_range_created_at_raises(created_at: str) -> None:
         parse_envelope(envelope_body(created_at=created_at))
 
 
-def test_parse_deep_nesting_raises() -> None:
+def test_parse_deep_array_raises() -> None:
     depth = 100_000
     with pytest.raises(EnvelopeError):
         parse_envelope(b"[" * depth + b"]" * depth)

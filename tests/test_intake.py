@@ -271,7 +271,7 @@ def test_store_cancels_timeout_after_commit(engine):
 
     async def store_then_wait() -> list[bool]:
         results = [await intake.store(record("d1")), await intake.store(record("d2"))]
-        await asyncio.sleep(0.4)  # past the timeout, which must not touch the answered requests
+        await asyncio.sleep(0.4)  # past the timeout, which must not touch requests that already have their result
         loop = asyncio.get_running_loop()
         assert all(timer.cancelled() for timer in loop._scheduled)  # noqa: SLF001  (asyncio's timer heap)
         return results

@@ -178,14 +178,7 @@ def run_until_sigint(tmp_path: Path, **values: str) -> tuple[subprocess.Complete
         cwd=tmp_path, env=connector_env(tmp_path, **values), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
     finally:
