@@ -45,8 +45,8 @@ def health_routes(engine: Engine, intake: DeliveryIntake | None = None) -> list[
         return PlainTextResponse("ok")
 
     async def readyz(_request: Request) -> Response:
-        # In WAL mode SQLite still answers reads while another process holds the write lock, so
-        # the ping below would pass while every delivery gets a 503 response.
+        # In WAL mode SQLite still serves reads while another process holds the write lock, so the
+        # ping below would pass while every delivery gets a 503 response.
         if intake is not None and intake.write_seconds() > intake.ack_timeout:
             stuck = (
                 f"deliveries are not being stored: the receiver's database write has run for "

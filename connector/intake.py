@@ -41,8 +41,8 @@ MAX_BATCH = 256
 # How long a request waits for the commit of its delivery before the receiver responds with 503.
 # Commits take milliseconds, so only a database that stays locked or stuck reaches this, for
 # example while another process holds SQLite's write lock. The commit may still succeed
-# afterwards. Proximity's retry of that delivery is then a duplicate, so nothing is lost or
-# stored twice.
+# afterwards. The unique constraints then make Proximity's retry of that delivery a duplicate,
+# so nothing is lost or stored twice.
 ACK_TIMEOUT_SECONDS = 10.0
 
 

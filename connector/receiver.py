@@ -178,7 +178,7 @@ _READ_HEADERS = frozenset((b"x-webhook-delivery", b"x-webhook-signature", b"x-we
 
 
 def latest_accepted_version(now: float) -> str:
-    """Return the newest createdAt accepted at Unix time `now`, as a version text of connector/envelope.py.
+    """Return the newest createdAt accepted at Unix time `now`, in the format of `normalize_timestamp`.
 
     Versions are fixed-width UTC text, such as 2026-03-16T14:05:00.000000Z, so they compare as strings.
     """
